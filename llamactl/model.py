@@ -1,0 +1,270 @@
+"""The Llama 2 transformer, built from tensor-parallel layers and the fused kernels.
+
+Pre-norm RMSNorm, SwiGLU, RoPE (half layout, theta 1e4), GQA, no biases, untied output; softmax and
+final logits in fp32. Parameter names follow Meta's reference (tok_embeddings, layers.N.attention.wq,
+...); checkpoint.py maps them to Hugging Face names. Layers are kept under their global index, so a
+pipeline stage holds `layers.{i}` for its own i only and checkpoints do not depend on the layout.
+
+Heads: "lm" (vocab logits, vocab-sharded under tp), "reward" and "value" (one scalar per token from a
+`score` projection, as Hugging Face's LlamaForSequenceClassification; the reward of a sequence is the
+value at its last token, see `last_token`).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
+
+from llamactl.config import ModelConfig
+from llamactl.errors import LlamactlError
+from llamactl.kernels import apply_rope, rms_norm, rope_tables
+from llamactl.parallel.context import ParallelContext
+from llamactl.parallel.pipeline import stage_layers
+from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
+                                      shard_specs)
+
+HEADS = ("lm", "reward", "value")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """Preallocated keys and values per local layer, (B, n_kv_local, max_len, head_dim)."""
+
+    def __init__(self, layer_ids, batch: int, max_len: int, n_kv_local: int, head_dim: int, *, dtype, device):
+        shape = (batch, n_kv_local, max_len, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.batch, self.max_len = batch, max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at positions start..start+T; return all keys/values up to there."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise LlamactlError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len} (--max-new-tokens)")
+        b = k.shape[0]
+        self.k[layer][:b, :, start:end] = k
+        self.v[layer][:b, :, start:end] = v
+        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep / reorder batch rows (e.g. drop finished sequences)."""
+        for d in (self.k, self.v):
+            for i in d:
+                d[i] = d[i].index_select(0, index)
+        self.batch = int(index.numel())
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_id, self.head_dim = layer_id, cfg.head_dim
+        tp, hd, nkv = ctx.tp, cfg.head_dim, cfg.kv_heads
+        self.n_local_heads = cfg.n_heads // tp
+        kw = dict(device=device, dtype=dtype)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, ctx, **kw)
+        if nkv % tp == 0:  # kv heads split over tp
+            self.n_local_kv = nkv // tp
+            shard, group = None, None
+        else:  # tp % nkv == 0: each kv head replicated on the tp ranks of its query group
+            self.n_local_kv = 1
+            head = ctx.tp_rank // (tp // nkv)
+            shard, group = TPShard(0, head * hd, hd, nkv * hd), ctx.kv_replica_group(nkv)
+        self.wk = ColumnParallelLinear(cfg.dim, nkv * hd, ctx, shard=shard, grad_group=group, **kw)
+        self.wv = ColumnParallelLinear(cfg.dim, nkv * hd, ctx, shard=shard, grad_group=group, **kw)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, ctx, **kw)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_local_kv, self.head_dim)
+        v = self.wv(x).view(b, t, self.n_local_kv, self.head_dim)
+        q, k = apply_rope(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)
+        rep = self.n_local_heads // self.n_local_kv
+        if rep > 1:
+            s = k.shape[2]
+            k = k[:, :, None].expand(b, self.n_local_kv, rep, s, self.head_dim).reshape(b, -1, s, self.head_dim)
+            v = v[:, :, None].expand(b, self.n_local_kv, rep, s, self.head_dim).reshape(b, -1, s, self.head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, ctx, **kw)
+        self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, ctx, **kw)
+        self.w2 = RowParallelLinear(cfg.ffn_dim, cfg.dim, ctx, **kw)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+        self.attention = Attention(cfg, ctx, layer_id, **kw)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+        self.feed_forward = FeedForward(cfg, ctx, **kw)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """One pipeline stage of a Llama 2 model (the whole model when pp == 1)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, head: str = "lm", device=None, dtype=None):
+        super().__init__()
+        if head not in HEADS:
+            raise LlamactlError(f"unknown head {head!r}; one of {', '.join(HEADS)}")
+        ctx = ctx or ParallelContext.single()
+        ctx.validate(cfg.n_heads, cfg.kv_heads, cfg.n_layers, cfg.vocab_size, cfg.ffn_dim)
+        self.cfg, self.ctx, self.head = cfg, ctx, head
+        self.recompute = False  # activation recomputation per layer (trainer sets it)
+        kw = dict(device=device, dtype=dtype)
+        self.layer_ids = list(stage_layers(cfg.n_layers, ctx.pp, ctx.pp_rank))
+        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, ctx, **kw) if ctx.is_first_stage else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ctx, i, **kw) for i in self.layer_ids})
+        self.norm = self.output = self.score = None
+        if ctx.is_last_stage:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
+            if head == "lm":
+                self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, ctx, **kw)
+            else:
+                self.score = nn.Linear(cfg.dim, 1, bias=False, **kw)
+        self._rope_len = 0
+        self.register_buffer("rope_cos", torch.empty(0, device=device), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, device=device), persistent=False)
+
+    # ---- rope tables (recomputed after meta -> real materialisation) ----------------------------------
+    def _rope(self, n: int, device):
+        if self._rope_len < n or self.rope_cos.device != torch.device(device) or self.rope_cos.is_meta:
+            size = max(n, self.cfg.max_seq_len)
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg.head_dim, size, self.cfg.rope_theta, device=device)
+            self._rope_len = size
+        return self.rope_cos, self.rope_sin
+
+    def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """x: token ids (B, T) on the first stage, hidden states (B, T, dim) on later stages.
+
+        start_pos: position of x[:, 0] in the KV cache. positions (B, T): explicit RoPE positions (e.g.
+        left-padded prompts); key_mask (B, start_pos+T) bool: False marks padding keys never attended to.
+        Returns lm logits (B, T, V/tp) fp32, reward/value scalars (B, T) fp32, or hidden states on a
+        non-last pipeline stage. last_only keeps only the last position (generation).
+        """
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        t = h.shape[1]
+        cos_t, sin_t = self._rope(start_pos + t if positions is None else int(positions.max()) + 1, h.device)
+        if positions is None:
+            cos, sin = cos_t[start_pos:start_pos + t], sin_t[start_pos:start_pos + t]
+        else:
+            cos, sin = cos_t[positions], sin_t[positions]
+        mask = None
+        if key_mask is not None or (start_pos > 0 and t > 1):
+            mask = _attention_mask(t, start_pos, key_mask, h.device)
+        for i in self.layer_ids:
+            blk = self.layers[str(i)]
+            if self.recompute and self.training:
+                h = recompute(blk, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
+            else:
+                h = blk(h, cos, sin, mask, cache, start_pos)
+        if self.norm is None:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        if self.output is not None:
+            return self.output(h).float()
+        return self.score(h).squeeze(-1).float()
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.layer_ids, batch, max_len, self.layers[str(self.layer_ids[0])].attention.n_local_kv,
+                       self.cfg.head_dim, dtype=dtype or p.dtype, device=device or p.device)
+
+
+def _attention_mask(t: int, start_pos: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """Bool mask (B|1, 1, T, start_pos+T): causal from offset start_pos, minus padding keys.
+
+    Every query may always see itself, so rows of padding queries never become all -inf (NaN).
+    """
+    s = start_pos + t
+    q_pos = torch.arange(start_pos, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :s].bool()
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+def last_token(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sequence scalar from per-token values (B, T): the value at index lengths-1 (right padding)."""
+    return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+
+
+# ---- construction and initialisation ---------------------------------------------------------------
+def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, head: str = "lm", *, device="cpu",
+                dtype=torch.float32, seed: int | None = None) -> Transformer:
+    """Build this rank's shard on the meta device, then materialise it on `device`.
+
+    With `seed`, weights are initialised (N(0, 0.02), output projections scaled by 1/sqrt(2*layers),
+    norms 1) from the full tensor of each parameter, so any layout gets the same global weights.
+    Without a seed the parameters are left uninitialised, to be filled by checkpoint.load.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg, ctx, head, dtype=dtype)
+    model.to_empty(device=device)
+    if seed is not None:
+        init_weights(model, seed)
+    return model
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
+    """Layout-independent init: each parameter's full tensor from its own seeded generator, then sliced."""
+    specs = shard_specs(model)
+    out_std = std / math.sqrt(2 * model.cfg.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        spec = specs.get(name)
+        shape = list(p.shape)
+        if spec is not None:
+            shape[spec.dim] = spec.full
+        g = torch.Generator().manual_seed(_param_seed(seed, name))
+        s = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+        full = torch.randn(shape, generator=g, dtype=torch.float32) * s
+        if spec is not None:
+            full = full.narrow(spec.dim, spec.start, spec.length)
+        p.copy_(full)

@@ -1,0 +1,136 @@
+"""ParallelContext: the tensor / pipeline / data parallel groups of one rank. The only parallel state.
+
+Rank layout (Megatron's order): tp varies fastest, then dp, then pp:
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+so the ranks of one tensor-parallel group are neighbours (one node, NVLink) and pipeline stages are
+the outermost split (cheap p2p across nodes).
+
+Every rank builds one context and passes it explicitly; nothing here is a module-level global.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work for this world or model (a user error, reported in one line)."""
+
+
+@dataclass
+class ParallelContext:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rank: int = 0
+    tp_group: object | None = None
+    pp_group: object | None = None
+    dp_group: object | None = None
+    # ranks (global) of this rank's groups, in group order
+    tp_ranks: list[int] = field(default_factory=lambda: [0])
+    pp_ranks: list[int] = field(default_factory=lambda: [0])
+    dp_ranks: list[int] = field(default_factory=lambda: [0])
+    _kv_groups: dict = field(default_factory=dict, repr=False)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def single(cls) -> "ParallelContext":
+        """One process, no communication: every parallel layer degenerates to the plain one."""
+        return cls()
+
+    @classmethod
+    def from_world(cls, tp: int = 1, pp: int = 1) -> "ParallelContext":
+        """Build the groups from an initialised torch.distributed world (dp = world / (tp*pp))."""
+        if not dist.is_available() or not dist.is_initialized():
+            if tp * pp != 1:
+                raise LayoutError(f"tp={tp} pp={pp} needs {tp * pp} processes; launch with --nproc or torchrun (--tp/--pp)")
+            return cls.single()
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if tp < 1 or pp < 1 or world % (tp * pp):
+            raise LayoutError(f"world size {world} is not divisible by tp*pp = {tp}*{pp} (--tp/--pp/--nproc)")
+        dp = world // (tp * pp)
+        ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank)
+        ctx.tp_ranks, ctx.tp_group = _make_groups(rank, [[p * dp * tp + d * tp + t for t in range(tp)]
+                                                          for p in range(pp) for d in range(dp)])
+        ctx.dp_ranks, ctx.dp_group = _make_groups(rank, [[p * dp * tp + d * tp + t for d in range(dp)]
+                                                          for p in range(pp) for t in range(tp)])
+        ctx.pp_ranks, ctx.pp_group = _make_groups(rank, [[p * dp * tp + d * tp + t for p in range(pp)]
+                                                          for d in range(dp) for t in range(tp)])
+        return ctx
+
+    # ---- coordinates --------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that prints and writes run-level files (metrics, config)."""
+        return self.rank == 0
+
+    # ---- model validation ---------------------------------------------------------------------------
+    def validate(self, n_heads: int, n_kv_heads: int, n_layers: int, vocab_size: int, ffn_dim: int) -> None:
+        """Raise LayoutError, naming the flag, if this layout cannot shard the model."""
+        tp, pp = self.tp, self.pp
+        if n_heads % tp:
+            raise LayoutError(f"--tp {tp} does not divide the {n_heads} attention heads")
+        if n_kv_heads % tp and tp % n_kv_heads:
+            raise LayoutError(f"--tp {tp} neither divides nor is a multiple of the {n_kv_heads} kv heads")
+        if vocab_size % tp:
+            raise LayoutError(f"--tp {tp} does not divide the vocabulary of {vocab_size}")
+        if ffn_dim % tp:
+            raise LayoutError(f"--tp {tp} does not divide the FFN size {ffn_dim}")
+        if pp > n_layers:
+            raise LayoutError(f"--pp {pp} is larger than the {n_layers} layers")
+
+    def kv_replica_group(self, n_kv_heads: int):
+        """Group of tp ranks that hold a copy of the same kv head when tp > n_kv_heads (GQA replicated).
+
+        Created lazily but collectively: every rank of the world must call this in the same order
+        (the model constructor does, identically on all ranks).
+        """
+        if self.tp <= n_kv_heads:
+            return None
+        if n_kv_heads not in self._kv_groups:
+            rep = self.tp // n_kv_heads
+            chosen = None
+            world_groups = []
+            for p in range(self.pp):
+                for d in range(self.dp):
+                    base = p * self.dp * self.tp + d * self.tp
+                    for h in range(n_kv_heads):
+                        world_groups.append([base + h * rep + r for r in range(rep)])
+            _, chosen = _make_groups(self.rank, world_groups)
+            self._kv_groups[n_kv_heads] = chosen
+        return self._kv_groups[n_kv_heads]
+
+
+def _make_groups(rank: int, all_groups: list[list[int]]):
+    """Create every group collectively (torch requires all ranks to call new_group for each)."""
+    mine_ranks, mine = None, None
+    for ranks in all_groups:
+        g = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine_ranks, mine = ranks, g
+    return mine_ranks, mine

@@ -1,0 +1,258 @@
+"""Megatron-style tensor parallelism: the f / g conjugate ops and the layers built on them.
+
+    copy_to_tp       (f)  forward identity,    backward all-reduce over tp
+    reduce_from_tp   (g)  forward all-reduce,  backward identity
+    gather_from_tp        forward all-gather on the last dim, backward split
+    scatter_to_tp         forward split on the last dim, backward all-gather
+
+ColumnParallelLinear splits the output features (q, k, v, w1, w3, lm head); RowParallelLinear splits
+the input features (wo, w2) and reduces. VocabParallelEmbedding splits the vocabulary. Every layer
+records which slice of the full weight it holds (TPShard) so checkpoints stay layout-independent.
+
+At tp == 1 no communication op runs: the layers are plain linears. Only torch.distributed calls are
+used, on the tensor's own device, so gloo (CPU) and NCCL (GPU) both work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llamactl.parallel.context import ParallelContext
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """This rank holds full[dim][start:start+length] of a parameter whose full size on dim is `full`."""
+
+    dim: int
+    start: int
+    length: int
+    full: int
+
+
+def shard_specs(model: nn.Module) -> dict[str, TPShard]:
+    """Parameter name -> TPShard for every tensor-parallel parameter (others are replicated)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, spec in getattr(mod, "tp_shards", {}).items():
+            out[f"{mname}.{pname}" if mname else pname] = spec
+    return out
+
+
+# ---- the conjugate ops ------------------------------------------------------------------------------
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_last(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _split_last(x: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    if world == 1:
+        return x
+    return x.chunk(world, dim=-1)[rank].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, rank):
+        ctx.world, ctx.rank = world, rank
+        return _all_gather_last(x, group, world)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split_last(g, ctx.world, ctx.rank), None, None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, rank):
+        ctx.group, ctx.world = group, world
+        return _split_last(x, world, rank)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_last(g, ctx.group, ctx.world), None, None, None
+
+
+def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _CopyToTP.apply(x, ctx.tp_group)
+
+
+def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _ReduceFromTP.apply(x, ctx.tp_group)
+
+
+def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _GatherFromTP.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank)
+
+
+def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    return x if ctx.tp == 1 else _ScatterToTP.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank)
+
+
+def reduce_grad_over(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward identity, backward all-reduce over `group`: for weights replicated on a sub-group."""
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+# ---- layers -----------------------------------------------------------------------------------------
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split on the output dim: each rank computes its slice of the features.
+
+    `shard` overrides the default even split (used for GQA kv heads replicated across tp ranks).
+    """
+
+    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *, gather_output: bool = False,
+                 shard: TPShard | None = None, grad_group=None, device=None, dtype=None):
+        super().__init__()
+        self.ctx, self.gather_output, self.grad_group = ctx, gather_output, grad_group
+        if shard is None:
+            if out_features % ctx.tp:
+                raise ValueError(f"out_features {out_features} not divisible by tp {ctx.tp}")
+            n = out_features // ctx.tp
+            shard = TPShard(0, ctx.tp_rank * n, n, out_features)
+        self.tp_shards = {"weight": shard} if (ctx.tp > 1 or shard.length != shard.full) else {}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(shard.length, in_features, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tp(x, self.ctx)
+        y = F.linear(x, reduce_grad_over(self.weight, self.grad_group))
+        return gather_from_tp(y, self.ctx) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split on the input dim: partial products are summed across tp."""
+
+    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *, input_is_parallel: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_features % ctx.tp:
+            raise ValueError(f"in_features {in_features} not divisible by tp {ctx.tp}")
+        self.ctx, self.input_is_parallel = ctx, input_is_parallel
+        n = in_features // ctx.tp
+        self.tp_shards = {"weight": TPShard(1, ctx.tp_rank * n, n, in_features)} if ctx.tp > 1 else {}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, n, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.ctx)
+        return reduce_from_tp(F.linear(x, self.weight), self.ctx)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over tp: out-of-range ids give zeros, then all-reduce."""
+
+    def __init__(self, num_embeddings: int, dim: int, ctx: ParallelContext, device=None, dtype=None):
+        super().__init__()
+        if num_embeddings % ctx.tp:
+            raise ValueError(f"vocab {num_embeddings} not divisible by tp {ctx.tp}")
+        self.ctx = ctx
+        n = num_embeddings // ctx.tp
+        self.vocab_start, self.vocab_end = ctx.tp_rank * n, (ctx.tp_rank + 1) * n
+        self.tp_shards = {"weight": TPShard(0, self.vocab_start, n, num_embeddings)} if ctx.tp > 1 else {}
+        self.num_embeddings, self.dim = num_embeddings, dim
+        self.weight = nn.Parameter(torch.empty(n, dim, device=device, dtype=dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.ctx)
+
+
+# ---- vocab-parallel cross-entropy -------------------------------------------------------------------
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over vocab-sharded logits without gathering them: max all-reduce, sum-exp all-reduce.
+
+    Returns per-token loss (-log p(target)); backward needs no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, group, ignore_index):
+        logits = logits.float()
+        n_local = logits.shape[-1]
+        lmax = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - lmax.unsqueeze(-1)
+        valid = target != ignore_index
+        local_t = target - vocab_start
+        in_range = valid & (local_t >= 0) & (local_t < n_local)
+        local_t = local_t.masked_fill(~in_range, 0)
+        picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_range, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if group is not None:
+            both = torch.stack([picked, sum_exp])
+            dist.all_reduce(both, group=group)
+            picked, sum_exp = both[0], both[1]
+        loss = (sum_exp.log() - picked).masked_fill(~valid, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_t, in_range, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local_t, in_range, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        # d loss / d logit = softmax - onehot(target)
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((g * valid.to(g.dtype)).unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ctx: ParallelContext, *,
+                                 reduction: str = "mean", ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of vocab-sharded logits (..., V/tp) against global target ids (...).
+
+    reduction: "none" (per token, 0 at ignored positions), "sum", or "mean" over valid tokens.
+    Per-token log-probs for RL are simply `-vocab_parallel_cross_entropy(..., reduction="none")`.
+    """
+    vocab_start = ctx.tp_rank * logits.shape[-1]
+    loss = _VocabParallelCE.apply(logits, target, vocab_start, ctx.tp_group if ctx.tp > 1 else None, ignore_index)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / (target != ignore_index).sum().clamp(min=1)
+    raise ValueError(f"unknown reduction {reduction!r}")
