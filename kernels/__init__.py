@@ -1,25 +1,33 @@
 """Fused RMSNorm and RoPE: one entry point per op, the backend picked per device.
 
-Backend order: CUDA extension (CUDA tensors) > native CPU extension (CPU tensors) > reference.
-`LLAMACTL_KERNELS=reference` forces the reference. The fused backends arrive with the kernels issue;
-until a backend is built, the reference runs.
+Backend order: CUDA extension (CUDA tensors) > native CPU extension (CPU tensors) > reference
+(`kernels/dispatch.py`). `LLAMACTL_KERNELS=reference` forces the reference. The first use on a device
+builds the extension if it is not cached (kernels/build.py) and logs once which backend runs and why.
+The fused paths take float32, bfloat16 and float64 (weight in the dtype of x); anything else runs the
+reference. Both directions of autograd are fused (kernels/ops.py registers them as torch custom ops,
+so torch.compile traces through them).
 """
 from __future__ import annotations
 
 import torch
 
 from llamactl.kernels import reference
+from llamactl.kernels.dispatch import backend, use_fused
 from llamactl.kernels.reference import rope_tables
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim (fp32 statistics, cast back, times weight)."""
+    if use_fused(x.device.type, x.dtype, weight.dtype):
+        return torch.ops.llamactl.rms_norm_fwd(x, weight, eps)[0]
     return reference.rms_norm(x, weight, eps)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotary embedding of q (B, T, Hq, D) and k (B, T, Hk, D); cos/sin (T, D/2) or (B, T, D/2) fp32."""
+    if use_fused(q.device.type, q.dtype, k.dtype):
+        return torch.ops.llamactl.rope(q, k, cos, sin, False)
     return reference.apply_rope(q, k, cos, sin)
 
 
-__all__ = ["rms_norm", "apply_rope", "rope_tables"]
+__all__ = ["rms_norm", "apply_rope", "rope_tables", "backend"]

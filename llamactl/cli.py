@@ -32,15 +32,289 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 # ---- plan -------------------------------------------------------------------------------------------
 @app.command()
-def plan(size: str = typer.Option("7b", "--size", help=f"Model preset: {SIZES}.")):
-    """Parameter count and weight bytes per dtype of a preset (built on the meta device: instant)."""
-    from llamactl.config import preset
-    from llamactl.plan import param_report
+def plan(
+    size: str = typer.Option("7b", "--size", help=f"Model preset: {SIZES}."),
+    stage: str = typer.Option("pretrain", "--stage", help="pretrain, sft, rm or ppo (ppo: policy + value train, reference + 2 reward models frozen)."),
+    gpus: int = typer.Option(8, "--gpus", help="Total GPUs."),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory per GPU in GiB."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", help="Nodes the GPUs are spread over (default: 8 GPUs per node); tp stays within a node."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default 4096, the paper's)."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per micro-batch."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="Total training tokens, for time and GPU hours (e.g. 2e12)."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Assumed model FLOPs utilisation for the time estimate."),
+    peak_tflops: float = typer.Option(312.0, "--peak-tflops", help="Peak TFLOP/s per GPU (A100 bf16: 312)."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Evaluate this tensor-parallel size instead of searching."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Evaluate this pipeline-parallel size instead of searching."),
+):
+    """Memory per GPU, a TP/PP/DP layout, step time from FLOPs, checked on the meta device (instant)."""
+    from llamactl.plan import make_plan, print_plan
 
-    r = param_report(size, preset(size))
-    console.print(f"{size}: {r.params:,} parameters (meta-device count {r.meta_params:,})")
-    rows = [[k, f"{v / 2**30:,.2f} GiB"] for k, v in r.bytes_per_dtype.items()]
-    console.print(table(f"weights of {size}", ["dtype", "bytes"], rows))
+    print_plan(make_plan(size, stage, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, seq_len=seq_len,
+                         micro_batch=micro_batch, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, tp=tp, pp=pp))
+
+
+# ---- data / pretrain / eval (issue 3) ---------------------------------------------------------------
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data: tokenized shards, SFT sets, preference pairs.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: list[Path] = typer.Option(..., "--input", help="Text file (blank-line separated documents), JSONL ({\"text\": ...}) or folder; repeatable."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer.model (or its folder) to tokenize with."),
+    out: Path = typer.Option(..., "--out", help="Output directory for shards + index.json."),
+    val_fraction: float = typer.Option(0.005, "--val-fraction", help="Fraction of documents held out for validation (chosen by hash)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Tokenizer processes (default: CPU count)."),
+    shard_tokens: int = typer.Option(1 << 28, "--shard-tokens", help="Maximum tokens per shard file."),
+):
+    """Tokenize text into uint16/uint32 shards with a held-out validation split."""
+    from llamactl.data import prepare
+
+    idx = prepare(inputs, tokenizer, out, val_fraction=val_fraction, workers=workers, shard_tokens=shard_tokens)
+    rows = [[s, f"{v['documents']:,}", f"{v['tokens']:,}", len(v["shards"])] for s, v in idx["splits"].items()]
+    console.print(table(f"prepared {out} ({idx['dtype']}, vocab {idx['vocab_size']})",
+                        ["split", "documents", "tokens", "shards"], rows))
+
+
+@app.command()
+def pretrain(
+    size: Optional[str] = typer.Option(None, "--size", help=f"Model preset: {SIZES} (default tiny)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared data directory (llamactl data prepare)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (metrics, config, checkpoints)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens (alternative to --steps)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length of training windows."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Global batch size in tokens (accumulation fills it)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per forward/backward pass."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: paper value per size)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warmup steps (default: min(2000, 10% of steps))."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (to 10% of peak) or constant."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept in the run dir."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights and data order."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the one recorded with the data)."),
+    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Activation recomputation per layer."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step."),
+    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU (default: measured)."),
+    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Held-out tokens scored at the end (0: skip)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [pretrain], [model], [parallel] sections."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and plan, then stop."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel degree."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node."),
+):
+    """Pretrain a model from scratch with the paper's recipe (AdamW, cosine to 10 %, warmup, clip 1)."""
+    from llamactl.config import ParallelConfig
+    from llamactl.stages import pretrain as stage
+
+    flags = dict(size=size, data=str(data) if data else None, out=str(out) if out else None, steps=steps,
+                 tokens=tokens, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr,
+                 warmup=warmup, schedule=schedule, save_every=save_every, keep=keep, seed=seed,
+                 tokenizer=str(tokenizer) if tokenizer else None, recompute=recompute, compile=compile,
+                 peak_flops=peak_flops, eval_tokens=eval_tokens, device=device)
+    plan_ = stage.resolve(flags, config, ParallelConfig(tp=tp, pp=pp, nproc=nproc))
+    if dry_run:
+        stage.describe(plan_)
+        return
+    stage.run(plan_, resume=resume)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory to score."),
+    data: Path = typer.Option(..., "--data", help="Prepared data directory (llamactl data prepare)."),
+    split: str = typer.Option("val", "--split", help="Split to score: val or train."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the training one)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens."),
+):
+    """Loss (nats/token) and perplexity of a checkpoint on held-out tokens."""
+    from llamactl.stages.evaluate import run_eval
+
+    r = run_eval(model, data, split=split, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
+    console.print(table(f"eval of {model} on {data} ({r.split})", ["metric", "value"],
+                        [["loss (nats/token)", f"{r.loss:.4f}"], ["perplexity", f"{r.perplexity:.3f}"],
+                         ["tokens", f"{r.tokens:,}"], ["seq_len", r.seq_len]]))
+
+
+# ---- tokenizer (issue 2) ----------------------------------------------------------------------------
+@tokenizer_app.command("train")
+def tokenizer_train(
+    inputs: list[Path] = typer.Option(..., "--input", help="Text file (one sentence per line), JSONL ({\"text\": ...}) or folder of .txt/.md/.jsonl files; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.model into."),
+    vocab_size: int = typer.Option(32000, "--vocab-size", help="Vocabulary size incl. 3 special and 256 byte pieces (Llama 2: 32000)."),
+    character_coverage: float = typer.Option(0.99995, "--character-coverage", help="Share of characters kept as pieces; the rarest fall back to bytes."),
+    max_sentences: int = typer.Option(10_000_000, "--max-sentences", help="Lines used at most (a seeded random sample when there are more)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of that sample (same inputs + seed = same model)."),
+    threads: int = typer.Option(16, "--threads", help="Trainer threads (recorded in the model file; keep it fixed for identical files)."),
+):
+    """Train a SentencePiece BPE tokenizer with the Llama settings (split digits, byte fallback, no normalisation)."""
+    from llamactl.tokenizer import Tokenizer, piece_counts, train
+
+    r = train(inputs, out, vocab_size, character_coverage=character_coverage, max_sentences=max_sentences,
+              seed=seed, num_threads=threads, show_progress=True)
+    pc = piece_counts(Tokenizer.load(r.path))
+    rows = [["vocab size", f"{r.vocab_size:,}"],
+            ["pieces", f"{pc['merged']:,} merged + {pc['character']:,} chars + {pc['byte']} bytes + {pc['special']} special"],
+            ["input", f"{r.input_bytes / 2**20:,.2f} MiB, {r.sentences:,} lines" + (f" ({r.skipped_long:,} too long, skipped)" if r.skipped_long else "")],
+            ["bytes / token", f"{r.bytes_per_token:.2f} (first MiB of input)"],
+            ["time", f"{r.seconds:.1f} s"]]
+    console.print(table(f"wrote {r.path}", ["", "value"], rows))
+
+
+@tokenizer_app.command("encode")
+def tokenizer_encode(
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer.model (or a checkpoint folder holding one)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text to encode (default: read standard input)."),
+    chat: Optional[Path] = typer.Option(None, "--chat", help="Dialog JSON ([{role, content}, ...], last from user): encode as the Llama 2-Chat prompt."),
+    bos: bool = typer.Option(False, "--bos", help="Prepend BOS to --text."),
+    eos: bool = typer.Option(False, "--eos", help="Append EOS to --text."),
+):
+    """Print the token ids of a text, or of a dialog in the Llama 2-Chat format, as a JSON list."""
+    import json
+
+    from llamactl.tokenizer import Tokenizer, encode_dialog, read_dialog
+
+    if text is not None and chat is not None:
+        raise LlamactlError("give --text or --chat, not both")
+    tok = Tokenizer.load(tokenizer, where="--tokenizer")
+    ids = encode_dialog(tok, read_dialog(chat)) if chat is not None else \
+        tok.encode(sys.stdin.read() if text is None else text, bos=bos, eos=eos)
+    typer.echo(json.dumps(ids))
+
+
+@tokenizer_app.command("decode")
+def tokenizer_decode(
+    ids: list[str] = typer.Argument(..., help="Token ids: separate arguments, comma separated, or one JSON list."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer.model (or a checkpoint folder holding one)."),
+    pieces: bool = typer.Option(False, "--pieces", help="Print the pieces as a JSON list instead of the text."),
+):
+    """Print the text of token ids (or, with --pieces, each id's piece)."""
+    import json
+
+    from llamactl.tokenizer import Tokenizer, parse_ids
+
+    tok = Tokenizer.load(tokenizer, where="--tokenizer")
+    values = parse_ids(ids)
+    text = tok.decode(values)
+    typer.echo(json.dumps([tok.id_to_piece(i) for i in values], ensure_ascii=False) if pieces else text)
+
+
+# ---- generation and chat (issue 4) -------------------------------------------------------------------
+@app.command("generate")
+def generate_cmd(
+    model: Path = typer.Option(..., "--model", help="Checkpoint directory to sample from."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One prompt text (instead of --prompts)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help='JSONL file: one {"prompt": ...} or {"dialog": [...]} per line.'),
+    raw: bool = typer.Option(False, "--raw", help="Feed prompts as plain text (BOS + text), without the chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt added to chat-formatted prompts."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt (K)."),
+    temperature: float = typer.Option(0.6, "--temperature", help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (Meta's rule: the token that crosses p is kept)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens generated per sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed; every sample has its own generator, so batching changes nothing."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL (default: stdout)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences decoded together."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+):
+    """Sample continuations: JSONL with text, token ids, per-token log-probs and finish reason."""
+    from llamactl.generation import run_generate
+
+    run_generate(model, prompt=prompt, prompts_file=prompts, raw=raw, system=system, num_samples=num_samples,
+                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, out=out,
+                 batch_size=batch_size, device=device)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: Path = typer.Option(..., "--model", help="Chat checkpoint directory."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One-shot: answer this message, print, exit."),
+    temperature: float = typer.Option(0.6, "--temperature", help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per answer."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling generators."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+):
+    """Chat in the terminal (streams tokens; /system, /reset, /save FILE, /exit; Ctrl-C stops an answer)."""
+    from llamactl.chat import ChatSettings, run_chat
+
+    run_chat(model, ChatSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                 system=system), prompt=prompt, device=device)
+
+
+# ---- checkpoints: info, convert, export (issue 2) -------------------------------------------------------
+@app.command("info")
+def info_cmd(ckpt: Path = typer.Argument(..., help="Checkpoint directory (or a plain Hugging Face Llama directory).")):
+    """Show what a checkpoint holds (stage, step, tokens, head, shape, files) and verify every sha256."""
+    from llamactl.checkpoint import info
+
+    info(ckpt)
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="Source directory: a Hugging Face Llama model or Meta's consolidated.XX.pth + params.json."),
+    dst: Path = typer.Argument(..., help="Output llamactl checkpoint directory."),
+    from_: str = typer.Option(..., "--from", help="Source format: hf or meta."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.model to use (default: the one in SRC or, for Meta, next to it)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store as float32, bfloat16 or float16 (default: as in SRC)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (only once the new one is complete)."),
+):
+    """Import a Hugging Face or Meta Llama checkpoint as a llamactl checkpoint."""
+    from llamactl.convert import convert
+
+    convert(src, dst, from_, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+
+
+@app.command("export")
+def export_cmd(
+    ckpt: Path = typer.Argument(..., help="llamactl checkpoint directory."),
+    dst: Path = typer.Argument(..., help="Output directory."),
+    to: str = typer.Option(..., "--to", help="Target format: hf or meta."),
+    mp: int = typer.Option(1, "--mp", help="Model-parallel shards for --to meta (consolidated.00.pth ...)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store as float32, bfloat16 or float16 (default: as in CKPT)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
+):
+    """Export a llamactl checkpoint to Hugging Face (safetensors) or Meta (consolidated.XX.pth) layout."""
+    from llamactl.convert import export
+
+    export(ckpt, dst, to, mp=mp, dtype=dtype, overwrite=overwrite)
+
+
+# ---- bench (issue 5) -----------------------------------------------------------------------------------
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of llamactl's building blocks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available, else cpu)."),
+    dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="Comma-separated dtypes: float32, bfloat16."),
+    mb: int = typer.Option(64, "--mb", min=1, help="Size of each case's main input tensor in MiB."),
+    reps: int = typer.Option(7, "--reps", min=1, help="Timed repetitions per implementation (median)."),
+    malloc_tune: bool = typer.Option(False, "--malloc-tune",
+                                     help="Keep freed memory in glibc's heap (no page faults on reused buffers)."),
+):
+    """Fused RMSNorm/RoPE vs eager and torch.compile (GB/s against the measured copy bandwidth)."""
+    from llamactl.kernels.bench import DTYPES, report
+    from llamactl.ui import progress
+
+    names = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    bad = [d for d in names if d not in DTYPES]
+    if bad or not names:
+        raise LlamactlError(f"unknown dtype {', '.join(bad) or dtypes!r} (--dtypes: {', '.join(DTYPES)})")
+    if device not in (None, "cpu", "cuda"):
+        raise LlamactlError(f"unknown device {device!r} (--device: cpu or cuda)")
+    try:
+        report(console, device=device, dtypes=names, target_mb=mb, reps=reps, progress_factory=progress,
+               malloc_tune=malloc_tune)
+    except RuntimeError as e:
+        if "no fused backend" in str(e):
+            raise LlamactlError(f"{e} (llamactl bench kernels)") from None
+        raise
 
 
 # ---- entry point ------------------------------------------------------------------------------------
@@ -52,7 +326,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (LlamactlError, LayoutError) as e:
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+        from rich.markup import escape  # messages may hold "[/INST]", paths with brackets, ...
+
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
         raise SystemExit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -69,7 +345,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(e.exit_code)
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {type(e).__name__}: {e} (run with --debug for the traceback)",
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                           soft_wrap=True)
         raise SystemExit(1)
 

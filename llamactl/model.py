@@ -169,13 +169,14 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
         """x: token ids (B, T) on the first stage, hidden states (B, T, dim) on later stages.
 
         start_pos: position of x[:, 0] in the KV cache. positions (B, T): explicit RoPE positions (e.g.
         left-padded prompts); key_mask (B, start_pos+T) bool: False marks padding keys never attended to.
         Returns lm logits (B, T, V/tp) fp32, reward/value scalars (B, T) fp32, or hidden states on a
-        non-last pipeline stage. last_only keeps only the last position (generation).
+        non-last pipeline stage. last_only keeps only the last position (generation). return_hidden: on the
+        last stage, return the final-normed hidden states (B, T, dim) instead of the head's output.
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         t = h.shape[1]
@@ -198,6 +199,8 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
+        if return_hidden:
+            return h
         if self.output is not None:
             return self.output(h).float()
         return self.score(h).squeeze(-1).float()

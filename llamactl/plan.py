@@ -1,13 +1,47 @@
-"""Memory / parallelism / time planner. Checks its own arithmetic on the meta device (no memory used)."""
+"""Memory / parallelism / time planner. Checks its own arithmetic on the meta device (no memory used).
+
+Memory per GPU, for the most loaded pipeline stage of a layout (tp x pp x dp):
+- trainable models (bf16 autocast over fp32 master weights, as trainer.py runs on GPU): fp32 weights 4
+  B/param, the bf16 working copy autocast keeps 2, fp32 gradients 4, AdamW m and v 8 -- 18 B/param; with
+  ZeRO-1 the AdamW state (8) is divided by dp (parallel/data.py steps fp32 weights in place);
+- frozen models (PPO reference, reward models): bf16 weights, 2 B/param;
+- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+  Models", eq. 2, tensor parallel without sequence parallelism): s*b*h*(10 + 24/t) bytes per layer and
+  micro-batch; their 5*a*s^2*b/t attention-score term is left out because scaled_dot_product_attention
+  (flash / memory-efficient kernels) never stores the scores. With full recomputation only the layer
+  inputs stay (2*s*b*h per layer) plus one layer's activations while it is recomputed. Under 1F1B the
+  first stage holds min(pp, micro-batches) micro-batches in flight; the last stage also holds the fp32
+  logits and the cross-entropy softmax (2 x 4 B x s*b*V/t);
+- generation (PPO rollouts): the bf16 KV cache, 2 x layers x batch x seq x kv_heads/t x head_dim x 2 B.
+
+Time: model FLOPs per token = 6 x (matmul parameters) + 6 x layers x dim x seq (causal attention),
+trainer.model_flops_per_token's formula; step time = FLOPs / (GPUs x peak x MFU).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
-from llamactl.config import ModelConfig
+from llamactl.config import ModelConfig, preset
+from llamactl.errors import LlamactlError
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+GIB = 2**30
+
+# Paper, Table 2: pretraining GPU hours on A100-80GB for 2.0T tokens (Table 1), sequence length 4096.
+PAPER_GPU_HOURS = {"7b": 184_320, "13b": 368_640, "34b": 1_038_336, "70b": 1_720_320}
+PAPER_TOKENS = 2.0e12
+A100_BF16_FLOPS = 312e12
+
+STAGES = ("pretrain", "sft", "rm", "ppo")
+GPUS_PER_NODE = 8  # default node size: tensor parallelism stays within a node's NVLink domain
+# global batch in sequences (paper): pretraining 4M tokens at 4096; SFT 64; reward models 1024 rows
+# (512 pairs); PPO 512 prompts per iteration (mini-batch 64).
+STAGE_ROWS = {"pretrain": 1024, "sft": 64, "rm": 1024, "ppo": 512}
+
+ZERO_SHARDED_BYTES = 8              # AdamW m + v, per dp rank (fp32 weights are their own masters)
 
 
 @dataclass
@@ -30,3 +64,339 @@ def count_on_meta(cfg: ModelConfig, ctx=None, head: str = "lm") -> int:
 def param_report(size: str, cfg: ModelConfig) -> ParamReport:
     n = cfg.num_params()
     return ParamReport(size, n, count_on_meta(cfg), {k: n * b for k, b in DTYPE_BYTES.items()})
+
+
+# ---- per-rank arithmetic ----------------------------------------------------------------------------
+def kv_local(cfg: ModelConfig, tp: int) -> int:
+    return cfg.kv_heads // tp if cfg.kv_heads % tp == 0 else 1
+
+
+def stage_param_count(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, head: str = "lm") -> int:
+    """Planned parameters of one rank of pipeline stage pp_rank (any tp rank: the shards are equal)."""
+    from llamactl.parallel.pipeline import stage_layers
+
+    d, hd = cfg.dim, cfg.head_dim
+    layer = (d * (cfg.n_heads // tp) * hd * 2 + 2 * d * kv_local(cfg, tp) * hd
+             + 3 * d * (cfg.ffn_dim // tp) + 2 * d)
+    n = len(stage_layers(cfg.n_layers, pp, pp_rank)) * layer
+    if pp_rank == 0:
+        n += cfg.vocab_size // tp * d
+    if pp_rank == pp - 1:
+        n += d + (cfg.vocab_size // tp * d if head == "lm" else d)
+    return n
+
+
+def layout_error(cfg: ModelConfig, tp: int, pp: int) -> str | None:
+    """Why tp/pp cannot shard this model (None: it can)."""
+    from llamactl.parallel.context import LayoutError, ParallelContext
+
+    try:
+        ParallelContext(tp=tp, pp=pp).validate(cfg.n_heads, cfg.kv_heads, cfg.n_layers, cfg.vocab_size, cfg.ffn_dim)
+    except LayoutError as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU of the most loaded stage, by kind."""
+
+    weights: float = 0.0        # trainable fp32 master + bf16 working copy
+    grads: float = 0.0
+    optimizer: float = 0.0
+    frozen: float = 0.0         # bf16 weights of models that do not train (PPO)
+    activations: float = 0.0
+    logits: float = 0.0
+    kv_cache: float = 0.0
+
+    @property
+    def total(self) -> float:
+        # PPO generates (KV cache) and trains (activations) at different times
+        return self.weights + self.grads + self.optimizer + self.frozen + max(self.activations + self.logits,
+                                                                              self.kv_cache)
+
+
+@dataclass
+class Option:
+    tp: int
+    pp: int
+    dp: int
+    zero: bool
+    recompute: bool
+    n_micro: int
+    memory: Memory
+    fits: bool
+
+
+@dataclass
+class Plan:
+    size: str
+    cfg: ModelConfig
+    stage: str
+    gpus: int
+    gpu_mem: float
+    per_node: int
+    seq_len: int
+    micro_batch: int
+    rows: int
+    gen_batch: int
+    chosen: Option | None
+    options: list[Option]
+    flops_per_step: float
+    tokens_per_step: int
+    step_time: float | None
+    total_tokens: float | None
+    mfu: float
+    peak_flops: float
+    checks: list[tuple[str, int, int, int]] = field(default_factory=list)  # (head, stage, planned, meta)
+
+    @property
+    def check_ok(self) -> bool:
+        return bool(self.checks) and all(p == m for _, _, p, m in self.checks)
+
+
+def _models(stage: str) -> tuple[list[str], list[str]]:
+    """(trainable heads, frozen heads) of a stage: PPO trains policy + value, keeps reference + 2 RMs."""
+    if stage == "ppo":
+        return ["lm", "value"], ["lm", "reward", "reward"]
+    if stage == "rm":
+        return ["reward"], []
+    return ["lm"], []
+
+
+def memory_for(cfg: ModelConfig, stage: str, tp: int, pp: int, dp: int, *, zero: bool, recompute: bool,
+               seq: int, micro_batch: int, n_micro: int, gen_batch: int) -> Memory:
+    """Memory per GPU of the most loaded pipeline stage (max over stages of the total)."""
+    from llamactl.parallel.pipeline import stage_layers
+
+    trainable, frozen = _models(stage)
+    best = None
+    s, b, h = seq, micro_batch, cfg.dim
+    per_layer = s * b * h * (10 + 24 / tp)
+    for r in range(pp):
+        m = Memory()
+        for head in trainable:
+            n = stage_param_count(cfg, tp, pp, r, head)
+            m.weights += 6 * n
+            m.grads += 4 * n
+            m.optimizer += ZERO_SHARDED_BYTES * n / dp if zero and dp > 1 else 8 * n
+        for head in frozen:
+            m.frozen += 2 * stage_param_count(cfg, tp, pp, r, head)
+        layers = len(stage_layers(cfg.n_layers, pp, r))
+        in_flight = min(pp - r, n_micro)
+        if recompute:
+            m.activations = in_flight * layers * 2 * s * b * h + per_layer
+        else:
+            m.activations = in_flight * layers * per_layer
+        if r == pp - 1 and "lm" in trainable:
+            m.logits = 2 * 4 * s * b * cfg.vocab_size / tp
+        if stage == "ppo":
+            m.kv_cache = 2 * layers * gen_batch * s * kv_local(cfg, tp) * cfg.head_dim * 2
+        if best is None or m.total > best.total:
+            best = m
+    return best
+
+
+def flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Training FLOPs per token (same formula as trainer.model_flops_per_token)."""
+    n = cfg.num_params() - cfg.vocab_size * cfg.dim
+    return 6.0 * n + 6.0 * cfg.n_layers * cfg.dim * seq
+
+
+def stage_flops_per_token(cfg: ModelConfig, stage: str, seq: int) -> float:
+    """PPO per token: policy + value train (6N each), reference + 2 reward models + value score (2N each),
+    generation of the rollout (2N, memory bound in practice). Other stages: one model trains (6N)."""
+    train = flops_per_token(cfg, seq)
+    if stage != "ppo":
+        return train
+    fwd = train / 3
+    return 2 * train + 4 * fwd + fwd
+
+
+def paper_mfu() -> list[tuple[str, float, float, float]]:
+    """(size, GPU hours, model FLOPs of 2T tokens at seq 4096, implied MFU on A100 bf16 peak)."""
+    out = []
+    for size, hours in PAPER_GPU_HOURS.items():
+        f = flops_per_token(preset(size), 4096) * PAPER_TOKENS
+        out.append((size, hours, f, f / (hours * 3600 * A100_BF16_FLOPS)))
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_plan(size: str, stage: str = "pretrain", *, gpus: int = 8, gpu_mem: float = 80.0, nodes: int | None = None,
+              seq_len: int | None = None, micro_batch: int = 1, tokens: float | None = None, mfu: float = 0.4,
+              peak_tflops: float = 312.0, gen_batch: int = 64, tp: int | None = None, pp: int | None = None,
+              usable: float = 0.9, check: bool = True, cfg: ModelConfig | None = None) -> Plan:
+    """Evaluate every layout (or the given tp/pp) and pick the smallest model-parallel one that fits.
+
+    cfg overrides the preset's shape (e.g. a run's resolved model config); size is then just its name.
+    """
+    cfg = cfg or preset(size)
+    if stage not in STAGES:
+        raise LlamactlError(f"unknown stage {stage!r}; one of {', '.join(STAGES)} (--stage)")
+    nodes = nodes or max(1, math.ceil(gpus / GPUS_PER_NODE))
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise LlamactlError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
+    if gpu_mem <= 0 or micro_batch < 1 or not 0 < mfu <= 1:
+        raise LlamactlError("--gpu-mem and --micro-batch must be positive, --mfu in (0, 1]")
+    per_node = gpus // nodes
+    seq = seq_len or min(4096, cfg.max_seq_len)
+    rows = max(1, 4 * 2**20 // seq) if stage == "pretrain" else STAGE_ROWS[stage]  # pretraining: 4M tokens
+    if tp is not None or pp is not None:
+        tp, pp = tp or 1, pp or 1
+        err = layout_error(cfg, tp, pp)
+        if err:
+            raise LlamactlError(err)
+        if gpus % (tp * pp):
+            raise LlamactlError(f"--tp {tp} x --pp {pp} does not divide the {gpus} GPUs (--gpus / --nproc)")
+        layouts = [(tp, pp)]
+    else:
+        tps = [t for t in _divisors(per_node) if t & (t - 1) == 0]
+        layouts = [(t, p) for t in tps for p in _divisors(gpus // t)
+                   if layout_error(cfg, t, p) is None]
+    options = []
+    for t, p in layouts:
+        dp = gpus // (t * p)
+        n_micro = max(1, rows // (dp * micro_batch))
+        for zero, rec in ((False, False), (True, False), (False, True), (True, True)):
+            if zero and dp == 1:
+                continue
+            m = memory_for(cfg, stage, t, p, dp, zero=zero, recompute=rec, seq=seq, micro_batch=micro_batch,
+                           n_micro=n_micro, gen_batch=min(gen_batch, math.ceil(rows / dp)))
+            options.append(Option(t, p, dp, zero, rec, n_micro, m, m.total <= usable * gpu_mem * GIB))
+    # smallest model-parallel group first; within it the widest tp (NVLink) and fewest pipeline stages;
+    # then the cheapest setting (no ZeRO, no recomputation) that fits
+    order = sorted(options, key=lambda o: (o.tp * o.pp, -o.tp, o.recompute, o.zero))
+    chosen = next((o for o in order if o.fits), None)
+    if chosen is None and len(layouts) == 1:
+        chosen = min(options, key=lambda o: o.memory.total)
+    tokens_per_step = rows * seq
+    fpt = stage_flops_per_token(cfg, stage, seq)
+    flops_step = fpt * tokens_per_step
+    peak = peak_tflops * 1e12
+    step_time = flops_step / (gpus * peak * mfu)
+    plan = Plan(size, cfg, stage, gpus, gpu_mem, per_node, seq, micro_batch, rows, gen_batch, chosen, options,
+                flops_step, tokens_per_step, step_time, tokens, mfu, peak)
+    if check and chosen is not None:
+        plan.checks = meta_check(cfg, stage, chosen.tp, chosen.pp)
+    return plan
+
+
+def meta_check(cfg: ModelConfig, stage: str, tp: int, pp: int) -> list[tuple[str, int, int, int]]:
+    """Build every stage's shard (tp rank 0 and the last tp rank) on the meta device: planned == built."""
+    from llamactl.parallel.context import ParallelContext
+
+    heads = sorted(set(_models(stage)[0] + _models(stage)[1]))
+    out = []
+    for head in heads:
+        for r in range(pp):
+            planned = stage_param_count(cfg, tp, pp, r, head)
+            built = {count_on_meta(cfg, ParallelContext(tp=tp, pp=pp, dp=1, rank=r * tp + t), head)
+                     for t in sorted({0, tp - 1})}
+            out.append((head, r, planned, built.pop() if len(built) == 1 else -1))
+    return out
+
+
+# ---- printing ---------------------------------------------------------------------------------------
+def _gib(x: float) -> str:
+    return f"{x / GIB:,.1f}"
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:,.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:,.1f} h"
+    return f"{seconds / 86400:,.1f} days"
+
+
+def print_plan(plan: Plan) -> None:
+    """Rich tables: the model, memory per GPU, layouts, time, the meta-device check, the paper's MFU."""
+    from llamactl.ui import console, table
+
+    c = plan.cfg
+    console.print(table(f"{plan.size} for {plan.stage} on {plan.gpus} GPUs x {plan.gpu_mem:g} GiB "
+                        f"({plan.per_node} per node)", ["", "value"], [
+        ["parameters", f"{c.num_params():,}"],
+        ["layers / dim / heads / kv heads", f"{c.n_layers} / {c.dim} / {c.n_heads} / {c.kv_heads}"],
+        ["models", " + ".join(f"{h} (trains)" for h in _models(plan.stage)[0])
+         + "".join(f" + {h} (frozen)" for h in _models(plan.stage)[1])],
+        ["sequence length / micro-batch", f"{plan.seq_len} / {plan.micro_batch}"],
+        ["global batch", f"{plan.rows} sequences ({plan.tokens_per_step:,} tokens)"],
+    ]))
+    o = plan.chosen
+    if o is not None:
+        m = o.memory
+        rows = [["trainable weights (fp32 + bf16 copy)", _gib(m.weights)], ["gradients (fp32)", _gib(m.grads)],
+                [f"AdamW state{' (ZeRO-1 / dp ' + str(o.dp) + ')' if o.zero else ''}", _gib(m.optimizer)]]
+        if m.frozen:
+            rows.append(["frozen models (bf16)", _gib(m.frozen)])
+        rows.append([f"activations ({'full recomputation' if o.recompute else 'stored'}, "
+                     f"{min(o.pp, o.n_micro)} micro-batch{'es' if min(o.pp, o.n_micro) > 1 else ''} in flight)", _gib(m.activations)])
+        if m.logits:
+            rows.append(["logits + softmax (last stage)", _gib(m.logits)])
+        if m.kv_cache:
+            rows.append([f"KV cache (generation, {min(plan.gen_batch, math.ceil(plan.rows / o.dp))} rows)",
+                         _gib(m.kv_cache)])
+        rows.append(["total", _gib(m.total)])
+        rows.append(["usable (90 %)", _gib(0.9 * plan.gpu_mem * GIB)])
+        console.print(table(f"memory per GPU (GiB), tp {o.tp} x pp {o.pp} x dp {o.dp}", ["", "GiB"], rows))
+    keys = []
+    for x in sorted(plan.options, key=lambda x: (x.tp * x.pp, -x.tp)):
+        if (x.tp, x.pp) not in keys:
+            keys.append((x.tp, x.pp))
+    if o is not None:  # the layouts up to the chosen one, and the next few
+        keys = keys[max(0, keys.index((o.tp, o.pp)) - 8):keys.index((o.tp, o.pp)) + 4]
+    lay_rows = []
+    for key in keys[:12]:
+        x = next(y for y in plan.options if (y.tp, y.pp) == key)
+        mine = [y for y in plan.options if (y.tp, y.pp) == key]
+        by = {(y.zero, y.recompute): y.memory.total for y in mine}
+        cell = lambda z, r: _gib(by[(z, r)]) if (z, r) in by else "-"  # noqa: E731
+        fits = next((y for y in sorted(mine, key=lambda y: (y.recompute, y.zero)) if y.fits), None)
+        lay_rows.append([x.tp, x.pp, x.dp, cell(False, False), cell(True, False), cell(False, True), cell(True, True),
+                         ("yes" + (" (ZeRO-1)" if fits.zero else "") + (" (recompute)" if fits.recompute else ""))
+                         if fits else "no"])
+    console.print(table("layouts (GiB per GPU of the most loaded stage)",
+                        ["tp", "pp", "dp", "plain", "ZeRO-1", "recompute", "both", "fits"], lay_rows))
+    trows = [["model FLOPs per step", f"{plan.flops_per_step:.3e}"],
+             [f"step time at MFU {plan.mfu:.0%} of {plan.peak_flops / 1e12:g} TFLOP/s", _dur(plan.step_time)]]
+    if o is not None and o.pp > 1:
+        trows.append(["pipeline bubble (p-1)/(m+p-1)", f"{(o.pp - 1) / (o.n_micro + o.pp - 1):.1%}"])
+    if plan.total_tokens:
+        steps = plan.total_tokens / plan.tokens_per_step
+        total = steps * plan.step_time
+        trows += [["steps for --tokens", f"{steps:,.0f}"], ["training time", _dur(total)],
+                  ["GPU hours", f"{total * plan.gpus / 3600:,.0f}"]]
+    console.print(table("time", ["", "value"], trows))
+    if plan.checks:
+        crow = [[h, r, f"{p:,}", f"{m:,}", "ok" if p == m else "MISMATCH"] for h, r, p, m in plan.checks]
+        console.print(table(f"meta-device check (tp {o.tp} x pp {o.pp})", ["head", "stage", "planned params / rank",
+                                                                         "built on meta", ""], crow))
+    prow = [[s, f"{h:,}", f"{f:.3e}", f"{u:.1%}"] for s, h, f, u in paper_mfu()]
+    console.print(table("implied MFU of the paper's pretraining (Table 2: A100-80GB hours, 2.0T tokens, seq 4096, "
+                        "312 TFLOP/s bf16)", ["size", "GPU hours", "model FLOPs", "MFU"], prow))
+    if o is None:
+        console.print(f"no layout fits {plan.size} {plan.stage} in {plan.gpus} GPUs of {plan.gpu_mem:g} GiB; "
+                      f"add GPUs (--gpus) or use a smaller micro-batch / sequence")
+    elif not o.fits:
+        console.print(f"tp {o.tp} x pp {o.pp} x dp {o.dp} needs {_gib(o.memory.total)} GiB per GPU even with "
+                      f"ZeRO-1 and recomputation: more than {plan.gpu_mem:g} GiB")
+    else:
+        console.print(f"plan: tp {o.tp} x pp {o.pp} x dp {o.dp}"
+                      f"{', ZeRO-1' if o.zero else ''}{', activation recomputation' if o.recompute else ''}; "
+                      f"meta-device check {'passed' if plan.check_ok else 'FAILED'}")
+
+
+def print_run_plan(size: str, cfg: ModelConfig, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int,
+                   micro_batch: int = 1, tokens: float | None = None, gpu_mem: float = 80.0) -> Plan:
+    """What a stage's --dry-run shows: the plan of its own layout (tp x pp over max(gpus, tp*pp) GPUs)."""
+    plan = make_plan(size, stage, gpus=max(gpus, tp * pp), gpu_mem=gpu_mem, seq_len=seq_len,
+                     micro_batch=micro_batch, tokens=tokens, tp=tp, pp=pp, cfg=cfg)
+    print_plan(plan)
+    return plan

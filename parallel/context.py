@@ -112,6 +112,8 @@ class ParallelContext:
         """
         if self.tp <= n_kv_heads:
             return None
+        if not dist.is_available() or not dist.is_initialized():
+            return None  # a context without a world: shapes only (meta-device planning), no communication
         if n_kv_heads not in self._kv_groups:
             rep = self.tp // n_kv_heads
             chosen = None

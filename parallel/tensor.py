@@ -200,44 +200,64 @@ class VocabParallelEmbedding(nn.Module):
 
 
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------------
+_CE_CHUNK_ELEMS = 1 << 21  # logits per chunk (8 MB fp32): max, exp, sum and scale stay in cache
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """Cross-entropy over vocab-sharded logits without gathering them: max all-reduce, sum-exp all-reduce.
 
-    Returns per-token loss (-log p(target)); backward needs no communication.
+    Returns per-token loss (-log p(target)); backward needs no communication. The forward already
+    writes d loss / d logits (softmax - onehot) chunk by chunk of rows, so each chunk's passes stay in
+    cache; the backward only scales it by the incoming gradient.
     """
 
     @staticmethod
     def forward(ctx, logits, target, vocab_start, group, ignore_index):
-        logits = logits.float()
         n_local = logits.shape[-1]
-        lmax = logits.max(dim=-1).values
-        if group is not None:
-            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - lmax.unsqueeze(-1)
-        valid = target != ignore_index
-        local_t = target - vocab_start
+        x = logits.reshape(-1, n_local)
+        t = target.reshape(-1)
+        valid = t != ignore_index
+        local_t = t - vocab_start
         in_range = valid & (local_t >= 0) & (local_t < n_local)
-        local_t = local_t.masked_fill(~in_range, 0)
-        picked = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_range, 0.0)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
+        local_t = local_t.masked_fill(~in_range, 0).unsqueeze(-1)
+        grad = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        n = x.shape[0]
+        picked = torch.empty(n, dtype=torch.float32, device=x.device)
+        sum_exp = torch.empty(n, dtype=torch.float32, device=x.device)
+        rows = max(1, _CE_CHUNK_ELEMS // max(1, n_local))
+        lmax = None
+        if group is not None:
+            lmax = x.amax(dim=-1).float()
+            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            g = grad[s:e]
+            xs = x[s:e]
+            m = xs.amax(dim=-1, keepdim=True).float() if lmax is None else lmax[s:e].unsqueeze(-1)
+            torch.sub(xs, m, out=g)
+            picked[s:e] = g.gather(-1, local_t[s:e]).squeeze(-1)
+            g.exp_()
+            torch.sum(g, dim=-1, out=sum_exp[s:e])
+            if group is None:
+                g.div_(sum_exp[s:e].unsqueeze(-1))
+        picked.masked_fill_(~in_range, 0.0)
         if group is not None:
             both = torch.stack([picked, sum_exp])
             dist.all_reduce(both, group=group)
             picked, sum_exp = both[0], both[1]
+            grad.div_(sum_exp.unsqueeze(-1))
         loss = (sum_exp.log() - picked).masked_fill(~valid, 0.0)
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_t, in_range, valid)
-        return loss
+        grad.scatter_add_(-1, local_t, -in_range.to(grad.dtype).unsqueeze(-1))
+        ctx.save_for_backward(grad, valid)
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        return loss.view(target.shape)
 
     @staticmethod
     def backward(ctx, g):
-        softmax, local_t, in_range, valid = ctx.saved_tensors
-        grad = softmax.clone()
-        # d loss / d logit = softmax - onehot(target)
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -in_range.to(grad.dtype).unsqueeze(-1))
-        grad.mul_((g * valid.to(g.dtype)).unsqueeze(-1))
-        return grad, None, None, None, None
+        grad, valid = ctx.saved_tensors
+        # scaled in place: the buffer was made for this one backward (a second one raises, never lies)
+        grad.mul_((g.reshape(-1) * valid.to(g.dtype)).unsqueeze(-1))
+        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ctx: ParallelContext, *,

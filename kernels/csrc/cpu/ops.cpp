@@ -1,0 +1,204 @@
+// CPU binding: the llamactl:: ops (schemas defined in kernels/ops.py) for CPU tensors.
+//
+// Compiled without ISA flags. Picks the kernel table (AVX512 > AVX2 > DEFAULT) once from what the host
+// supports (optionally capped by LLAMACTL_CPU_ISA=default|avx2|avx512), and splits rows over threads
+// with at::parallel_for. dw is reduced from fixed row chunks whose count depends only on the row count,
+// never on the thread count or scheduling, so it is bit-identical from run to run.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace llamactl_cpu {
+namespace {
+
+// Outputs are fresh allocations; glibc serves large ones with new mmap'd pages, and faulting those in
+// 4 KiB at a time costs more than the kernel's own memory traffic (64 MiB: ~50 ms of faults vs ~9 ms).
+// Asking for transparent huge pages before the first touch (MADV_HUGEPAGE) removes most of it. A hint
+// only: ignored where THP is off; memory already touched (reused heap) is unaffected.
+at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t nbytes = t.nbytes();
+  if (nbytes >= (size_t(4) << 20)) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t page = 4096;
+    const uintptr_t a = (p + page - 1) & ~(page - 1);
+    const uintptr_t e = (p + nbytes) & ~(page - 1);
+    if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+int rank_of(const char* s) {
+  if (!s || !*s) return 2;
+  std::string v(s);
+  for (auto& ch : v) ch = (char)std::tolower(ch);
+  if (v == "default") return 0;
+  if (v == "avx2") return 1;
+  return 2;
+}
+
+const KernelTable* pick_table() {
+  int cap = rank_of(std::getenv("LLAMACTL_CPU_ISA"));
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("fma");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  const bool has512 = false, has2 = false;
+#endif
+  if (has512 && cap >= 2) return AVX512::kernel_table();
+  if (has2 && cap >= 1) return AVX2::kernel_table();
+  return DEFAULT::kernel_table();
+}
+
+const KernelTable* table() {
+  static const KernelTable* t = pick_table();
+  return t;
+}
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default: TORCH_CHECK(false, "llamactl kernels: unsupported dtype ", t.scalar_type(), " (float32, bfloat16, float64)");
+  }
+  return -1;
+}
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() >= 1, "rms_norm: x needs at least one dim");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight dtypes differ");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == n, "rms_norm: weight must be (", n, ",)");
+  const int dt = dtype_code(x);
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = empty_out(x.sizes(), x.options());
+  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(acc_type(x)));
+  if (x.numel() == 0) return {y, rstd};
+  const int64_t rows = x.numel() / n;
+  const KernelTable* k = table();
+  const void *xp = xc.data_ptr(), *wp = wc.data_ptr();
+  void *yp = y.data_ptr(), *rp = rstd.data_ptr();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t b, int64_t e) {
+    k->rms_fwd(dt, xp, wp, yp, rp, b, e, n, eps);
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                                const at::Tensor& rstd) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), "rms_norm backward: dy and x shapes differ");
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && x.scalar_type() == w.scalar_type(),
+              "rms_norm backward: dtypes differ");
+  const int64_t n = x.size(-1);
+  const int dt = dtype_code(x);
+  auto dyc = dy.contiguous();
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto rc = rstd.contiguous();
+  auto dx = empty_out(x.sizes(), x.options());
+  const int64_t rows = n ? x.numel() / n : 0;
+  if (rows == 0) return {dx, at::zeros({n}, w.options())};
+  // Fixed chunking: chunk size depends on rows only (>= 32 rows per chunk, at most 128 chunks).
+  const int64_t want = std::min<int64_t>(128, std::max<int64_t>(1, (rows + 31) / 32));
+  const int64_t cs = (rows + want - 1) / want;
+  const int64_t nparts = (rows + cs - 1) / cs;
+  auto part = at::empty({nparts, n}, x.options().dtype(acc_type(x)));
+  auto dw = at::empty({n}, w.options());
+  const KernelTable* k = table();
+  const void *dyp = dyc.data_ptr(), *xp = xc.data_ptr(), *wp = wc.data_ptr(), *rp = rc.data_ptr();
+  void *dxp = dx.data_ptr(), *pp = part.data_ptr(), *dwp = dw.data_ptr();
+  const int64_t esz = part.element_size();
+  at::parallel_for(0, nparts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      k->rms_bwd(dt, dyp, xp, wp, rp, dxp, (char*)pp + c * n * esz, c * cs, std::min(rows, (c + 1) * cs), n);
+    }
+  });
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) { k->reduce_parts(dt, pp, nparts, n, b, e, dwp); });
+  return {dx, dw};
+}
+
+// cos/sin: (T, D/2) or (B|1, T, D/2), any strides; returned as fp32 with unit stride in the last dim.
+at::Tensor table_view(const at::Tensor& t, int64_t B, int64_t T, int64_t half, int64_t& s_b, int64_t& s_t,
+                      const char* name) {
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, "rope: ", name, " must be (T, D/2) or (B, T, D/2)");
+  TORCH_CHECK(t.size(-1) == half && t.size(-2) == T, "rope: ", name, " has shape ", t.sizes(), ", expected (.., ",
+              T, ", ", half, ")");
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  if (f.stride(-1) != 1) f = f.contiguous();
+  s_t = f.stride(-2);
+  s_b = 0;
+  if (f.dim() == 3) {
+    TORCH_CHECK(f.size(0) == B || f.size(0) == 1, "rope: ", name, " batch dim ", f.size(0), " != ", B);
+    s_b = f.size(0) == 1 ? 0 : f.stride(0);
+  }
+  return f;
+}
+
+void rope_one(const KernelTable* k, const at::Tensor& x, at::Tensor& out, const float* c, const float* s, int64_t b,
+              int64_t e, int64_t T, int64_t cs_b, int64_t cs_t, int64_t ss_b, int64_t ss_t, bool inverse) {
+  k->rope(dtype_code(x), x.data_ptr(), out.data_ptr(), c, s, b, e, T, x.size(2), x.size(3), cs_b, cs_t, ss_b, ss_t,
+          inverse);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                        const at::Tensor& sin, bool inverse) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "rope: q and k must be (B, T, H, D)");
+  const int64_t B = q.size(0), T = q.size(1), D = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == T && k.size(3) == D, "rope: q ", q.sizes(), " and k ", k.sizes(),
+              " disagree on B, T or D");
+  TORCH_CHECK(D % 2 == 0, "rope: head_dim must be even, got ", D);
+  dtype_code(q);
+  dtype_code(k);
+  int64_t cs_b, cs_t, ss_b, ss_t;
+  auto c = table_view(cos, B, T, D / 2, cs_b, cs_t, "cos");
+  auto s = table_view(sin, B, T, D / 2, ss_b, ss_t, "sin");
+  auto qc = q.contiguous();
+  auto kc = k.contiguous();
+  auto qo = empty_out(q.sizes(), q.options());
+  auto ko = empty_out(k.sizes(), k.options());
+  const int64_t rows = B * T;
+  if (rows == 0 || D == 0) return {qo, ko};
+  const KernelTable* kt = table();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const int64_t per_row = (q.size(2) + k.size(2)) * D;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)), [&](int64_t b, int64_t e) {
+    if (qc.numel()) rope_one(kt, qc, qo, cp, sp, b, e, T, cs_b, cs_t, ss_b, ss_t, inverse);
+    if (kc.numel()) rope_one(kt, kc, ko, cp, sp, b, e, T, cs_b, cs_t, ss_b, ss_t, inverse);
+  });
+  return {qo, ko};
+}
+
+std::string isa() { return table()->isa; }
+
+}  // namespace
+}  // namespace llamactl_cpu
+
+TORCH_LIBRARY(llamactl_cpu, m) { m.def("isa() -> str", &llamactl_cpu::isa); }
+
+TORCH_LIBRARY_IMPL(llamactl, CPU, m) {
+  m.impl("rms_norm_fwd", &llamactl_cpu::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &llamactl_cpu::rms_norm_bwd);
+  m.impl("rope", &llamactl_cpu::rope);
+}

@@ -1,0 +1,75 @@
+"""The fused ops as torch custom ops: schemas, shape functions (fake) and autograd, defined here once.
+
+The device kernels come from the compiled extensions (`TORCH_LIBRARY_IMPL(llamactl, CPU|CUDA)` in
+csrc/); this module only declares the ops, so torch.compile can trace models that call them (fake
+implementations give output shapes without running anything) and autograd knows their backward:
+
+  llamactl::rms_norm_fwd(x, weight, eps) -> (y, rstd)      rstd: fp32 (fp64 for fp64) per row
+  llamactl::rms_norm_bwd(dy, x, weight, rstd) -> (dx, dw)
+  llamactl::rope(q, k, cos, sin, inverse) -> (q_out, k_out) inverse=True rotates by -angle (backward)
+"""
+from __future__ import annotations
+
+import torch
+
+torch.library.define("llamactl::rms_norm_fwd", "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
+torch.library.define("llamactl::rms_norm_bwd", "(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)")
+torch.library.define("llamactl::rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("llamactl::rms_norm_fwd")
+def _rms_norm_fwd_fake(x, weight, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(x.shape[:-1], dtype=_acc(x.dtype))
+
+
+@torch.library.register_fake("llamactl::rms_norm_bwd")
+def _rms_norm_bwd_fake(dy, x, weight, rstd):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), weight.new_empty(weight.shape)
+
+
+@torch.library.register_fake("llamactl::rope")
+def _rope_fake(q, k, cos, sin, inverse):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _eps = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        return None, None, None
+    dx, dw = torch.ops.llamactl.rms_norm_bwd(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+def _rope_setup(ctx, inputs, output):
+    _q, _k, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rope_backward(ctx, dq, dk):
+    """The adjoint of a rotation is the rotation by the opposite angle (sin negated)."""
+    cos, sin = ctx.saved_tensors
+    dq, dk = torch.ops.llamactl.rope(dq, dk, cos, sin, not ctx.inverse)
+    return dq, dk, None, None, None
+
+
+torch.library.register_autograd("llamactl::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
+torch.library.register_autograd("llamactl::rope", _rope_backward, setup_context=_rope_setup)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.llamactl.rms_norm_fwd(x, weight, eps)[0]
+
+
+def apply_rope(q, k, cos, sin):
+    return torch.ops.llamactl.rope(q, k, cos, sin, False)

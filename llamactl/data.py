@@ -1,0 +1,416 @@
+"""Token data: `data prepare` (text -> token shards + index.json) and the readers stages train on.
+
+Layout of a prepared data directory:
+
+    index.json          dtype, vocab size, tokenizer sha256, per split the shard files and token counts
+    tokenizer.model     a copy of the tokenizer the shards were made with
+    train-00000.bin ... flat uint16 (vocab < 65536) or uint32 tokens, documents as BOS + text + EOS
+    val-00000.bin ...   the held-out split (documents chosen by a hash of their text: deterministic)
+
+Inputs are text files (documents separated by blank lines), JSONL files (one {"text": ...} per line)
+or folders of them. Files are tokenized in parallel (a process pool, results consumed in input order, so
+the output never depends on scheduling) and streamed: no file is ever held whole in memory.
+
+Training reads windows of seq_len + 1 tokens through np.memmap in a seeded order; the sampler's
+whole state is (seed, epoch, position), which is what exact resume saves.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from llamactl.errors import LlamactlError
+
+INDEX = "index.json"
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+IGNORE = -100  # target value of positions that carry no loss
+
+
+# ---- batches ----------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One micro-batch for a language-model loss: targets are -100 where no loss is taken."""
+
+    tokens: torch.Tensor   # (B, T) int64 inputs
+    targets: torch.Tensor  # (B, T) int64 next tokens, IGNORE where masked
+    loss_mask: torch.Tensor  # (B, T) bool, True where the loss counts
+
+    @classmethod
+    def from_windows(cls, windows: np.ndarray, mask: np.ndarray | None = None) -> "Batch":
+        """Windows of T+1 tokens -> inputs [:-1], targets [1:]; mask (B, T) marks targets that count."""
+        w = torch.from_numpy(windows.astype(np.int64, copy=False))
+        tokens, targets = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        loss_mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else torch.from_numpy(mask).bool()
+        return cls(tokens, targets.masked_fill(~loss_mask, IGNORE), loss_mask)
+
+    @property
+    def num_valid(self) -> int:
+        """Tokens that carry loss: the unit the trainer normalises the global batch by."""
+        return int(self.loss_mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+    def to(self, device) -> "Batch":
+        return Batch(self.tokens.to(device), self.targets.to(device), self.loss_mask.to(device))
+
+
+# ---- prepare ----------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def list_inputs(inputs: list[Path]) -> list[Path]:
+    """Expand folders (recursively, sorted) into text / JSONL files; keep explicit files as given."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            if not found:
+                raise LlamactlError(f"folder holds no .txt/.md/.rst/.jsonl files ({p}, --input)")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise LlamactlError(f"input not found ({p}, --input)")
+    return files
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """Documents of one file, streamed: JSONL lines' "text", or blank-line separated blocks of text."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LlamactlError(f"invalid JSON on line {n}: {e.msg} ({path})") from None
+                text = obj.get("text") if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise LlamactlError(f'line {n} has no string field "text" ({path})')
+                if text.strip():
+                    yield text
+        return
+    block: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block).rstrip("\n")
+                block = []
+    if block:
+        yield "".join(block).rstrip("\n")
+
+
+def is_validation(text: str, fraction: float) -> bool:
+    """Deterministic split: a document goes to validation iff its hash falls below the fraction."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h < fraction * 2.0**64
+
+
+_WORKER_TOK = {}
+
+
+def _tokenize_file(job: tuple[int, str, str, str, float, str]) -> dict:
+    """Pool worker: tokenize one file into tmp/{i}.train.bin and tmp/{i}.val.bin (streamed)."""
+    i, path, tok_path, tmp, fraction, dtype = job
+    from llamactl.tokenizer import Tokenizer
+
+    tok = _WORKER_TOK.get(tok_path)
+    if tok is None:
+        tok = _WORKER_TOK[tok_path] = Tokenizer.load(tok_path)
+    out = {"train": Path(tmp) / f"{i}.train.bin", "val": Path(tmp) / f"{i}.val.bin"}
+    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
+    bufs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    pending = {"train": 0, "val": 0}
+    files = {k: open(v, "wb") for k, v in out.items()}
+    try:
+        for text in iter_documents(Path(path)):
+            split = "val" if is_validation(text, fraction) else "train"
+            ids = np.asarray(tok.encode(text, bos=True, eos=True), dtype=dtype)
+            bufs[split].append(ids)
+            pending[split] += ids.size
+            counts[split][0] += ids.size
+            counts[split][1] += 1
+            if pending[split] >= 1 << 20:
+                np.concatenate(bufs[split]).tofile(files[split])
+                bufs[split], pending[split] = [], 0
+        for split in bufs:
+            if bufs[split]:
+                np.concatenate(bufs[split]).tofile(files[split])
+    finally:
+        for f in files.values():
+            f.close()
+    return {"path": path, "bytes": os.path.getsize(path), "counts": counts, "tmp": {k: str(v) for k, v in out.items()}}
+
+
+class _ShardWriter:
+    """Appends token files into shards of at most `shard_tokens` tokens, in call order."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.limit = out, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.f = None
+
+    def _open(self):
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.shards.append({"file": name, "tokens": 0})
+        self.f = open(self.out / name, "wb")
+
+    def append(self, path: str) -> None:
+        data = np.memmap(path, dtype=self.dtype, mode="r") if os.path.getsize(path) else np.empty(0, self.dtype)
+        pos = 0
+        while pos < data.size:
+            if self.f is None or self.shards[-1]["tokens"] >= self.limit:
+                self.close()
+                self._open()
+            n = min(self.limit - self.shards[-1]["tokens"], data.size - pos, 1 << 24)
+            np.asarray(data[pos:pos + n]).tofile(self.f)
+            self.shards[-1]["tokens"] += int(n)
+            pos += n
+        del data
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: float = 0.005,
+            workers: int | None = None, shard_tokens: int = 1 << 28, show_progress: bool = True) -> dict:
+    """Tokenize inputs into out/ (shards + index.json). Deterministic for given inputs and tokenizer."""
+    from llamactl.tokenizer import Tokenizer
+    from llamactl.ui import progress
+
+    if not 0 <= val_fraction < 1:
+        raise LlamactlError(f"validation fraction must be in [0, 1), got {val_fraction} (--val-fraction)")
+    tokenizer = Path(tokenizer)
+    if tokenizer.is_dir():
+        tokenizer = tokenizer / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise LlamactlError(f"tokenizer not found ({tokenizer}, --tokenizer)")
+    tok = Tokenizer.load(tokenizer)
+    files = list_inputs(inputs)
+    dtype = token_dtype(tok.vocab_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("train-*.bin")) + list(out.glob("val-*.bin")) + [out / INDEX]:
+        old.unlink(missing_ok=True)
+    tmp = out / ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    totals = {s: [0, 0] for s in writers}
+    jobs = [(i, str(f), str(tokenizer), str(tmp), val_fraction, dtype.name) for i, f in enumerate(files)]
+    workers = max(1, min(workers or (os.cpu_count() or 1), len(files)))
+    total_bytes = sum(f.stat().st_size for f in files)
+    try:
+        with progress(disable=not show_progress) as bar:
+            task = bar.add_task("tokenizing", total=total_bytes)
+            pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+            try:
+                results = pool.imap(_tokenize_file, jobs) if pool else map(_tokenize_file, jobs)
+                for r in results:  # in input order, whatever order workers finish in
+                    for s, w in writers.items():
+                        w.append(r["tmp"][s])
+                        os.unlink(r["tmp"][s])
+                        totals[s][0] += r["counts"][s][0]
+                        totals[s][1] += r["counts"][s][1]
+                    bar.advance(task, r["bytes"])
+            finally:
+                if pool:
+                    pool.close()
+                    pool.join()
+        for w in writers.values():
+            w.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if totals["train"][1] == 0:
+        raise LlamactlError(f"no documents found in {len(files)} input file(s) (--input)")
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    index = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "tokenizer_sha256": sha256_file(tokenizer),
+        "tokenizer": "tokenizer.model",
+        "val_fraction": val_fraction,
+        "sources": [str(f) for f in files],
+        "splits": {s: {"tokens": totals[s][0], "documents": totals[s][1], "shards": writers[s].shards}
+                   for s in writers},
+    }
+    (out / INDEX).write_text(json.dumps(index, indent=1))
+    return index
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def read_index(data_dir: Path) -> dict:
+    data_dir = Path(data_dir)
+    p = data_dir / INDEX
+    if not p.is_file():
+        raise LlamactlError(f"no {INDEX}: not a prepared data directory, run `llamactl data prepare` ({data_dir}, --data)")
+    try:
+        index = json.loads(p.read_text())
+        index["splits"], index["dtype"], index["vocab_size"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LlamactlError(f"corrupt {INDEX}: {e} ({p})") from None
+    return index
+
+
+def check_tokenizer(index: dict, data_dir: Path, vocab_size: int, tokenizer_sha256: str | None = None,
+                    where: str = "--data") -> None:
+    """The data must have been tokenized with the model's tokenizer: vocab size and (if known) sha256."""
+    if index["vocab_size"] != vocab_size:
+        raise LlamactlError(f"data was tokenized with a vocabulary of {index['vocab_size']} but the model has "
+                            f"{vocab_size} ({data_dir}, {where}); prepare the data with the model's tokenizer")
+    if tokenizer_sha256 and index.get("tokenizer_sha256") and index["tokenizer_sha256"] != tokenizer_sha256:
+        raise LlamactlError(f"data was tokenized with a different tokenizer (sha256 {index['tokenizer_sha256'][:12]} "
+                            f"vs {tokenizer_sha256[:12]}) ({data_dir}, {where})")
+
+
+class TokenData:
+    """The shards of one split as one virtual token array (memmaps, nothing loaded)."""
+
+    def __init__(self, data_dir: Path, split: str = "train"):
+        self.dir = Path(data_dir)
+        self.index = read_index(self.dir)
+        if split not in self.index["splits"]:
+            raise LlamactlError(f"no split {split!r} in {INDEX} ({self.dir})")
+        info = self.index["splits"][split]
+        self.dtype = np.dtype(self.index["dtype"])
+        self.vocab_size = int(self.index["vocab_size"])
+        self.arrays: list[np.memmap] = []
+        for sh in info["shards"]:
+            path = self.dir / sh["file"]
+            if not path.is_file():
+                raise LlamactlError(f"shard file missing ({path})")
+            size = path.stat().st_size
+            if size == 0:
+                raise LlamactlError(f"shard file is empty ({path})")
+            if size != sh["tokens"] * self.dtype.itemsize:
+                raise LlamactlError(f"shard file is corrupt: {size} bytes, index says {sh['tokens']} tokens of "
+                                    f"{self.dtype.itemsize} bytes ({path})")
+            arr = np.memmap(path, dtype=self.dtype, mode="r")
+            head = np.asarray(arr[: 1 << 16])
+            if head.size and int(head.max()) >= self.vocab_size:
+                raise LlamactlError(f"shard file is corrupt: token id {int(head.max())} >= vocab {self.vocab_size} ({path})")
+            self.arrays.append(arr)
+        self.offsets = np.cumsum([0] + [a.size for a in self.arrays])
+        self.num_tokens = int(self.offsets[-1])
+        self.split = split
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the virtual concatenation of the shards."""
+        out = np.empty(length, dtype=np.int64)
+        pos, filled = start, 0
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while filled < length:
+            a = self.arrays[i]
+            lo = pos - int(self.offsets[i])
+            n = min(length - filled, a.size - lo)
+            out[filled:filled + n] = a[lo:lo + n]
+            filled, pos, i = filled + n, pos + n, i + 1
+        return out
+
+
+class WindowSampler:
+    """Seeded random order over the non-overlapping windows of seq_len+1 tokens of a TokenData.
+
+    Each epoch is a fresh permutation drawn from (seed, epoch); state = (seed, epoch, position) only,
+    so resuming needs nothing else to reproduce the exact sequence of batches.
+    """
+
+    def __init__(self, data: TokenData, seq_len: int, seed: int = 0):
+        self.data, self.seq_len, self.seed = data, seq_len, seed
+        self.n_windows = (data.num_tokens - 1) // seq_len
+        if self.n_windows < 1:
+            raise LlamactlError(f"{data.split} split has {data.num_tokens} tokens, fewer than one window of "
+                                f"{seq_len + 1} (--seq-len, {data.dir})")
+        self.epoch, self.position = 0, 0
+        self._perm: np.ndarray | None = None
+
+    def _order(self) -> np.ndarray:
+        if self._perm is None:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+        return self._perm
+
+    def next_windows(self, n: int) -> np.ndarray:
+        """The next n windows, (n, seq_len+1) int64, crossing epochs as needed."""
+        out = np.empty((n, self.seq_len + 1), dtype=np.int64)
+        for r in range(n):
+            if self.position >= self.n_windows:
+                self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+            w = int(self._order()[self.position])
+            out[r] = self.data.read(w * self.seq_len, self.seq_len + 1)
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, s: dict) -> None:
+        if int(s["seed"]) != self.seed:
+            raise LlamactlError(f"resume with --seed {self.seed} but the run used seed {int(s['seed'])} (--seed)")
+        self.epoch, self.position, self._perm = int(s["epoch"]), int(s["position"]), None
+
+
+class PretrainBatches:
+    """Micro-batches of one optimizer step for the LM loss: the trainer's batch source for pretraining.
+
+    With data parallelism, every rank draws the same global windows and keeps its own slice, so the
+    state stays (seed, epoch, position) and the order does not depend on the number of ranks.
+    """
+
+    def __init__(self, sampler: WindowSampler, micro_batch: int, accum: int, dp: int = 1, dp_rank: int = 0):
+        self.sampler, self.micro_batch, self.accum, self.dp, self.dp_rank = sampler, micro_batch, accum, dp, dp_rank
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.accum * self.dp * self.sampler.seq_len
+
+    def next_step(self) -> list[Batch]:
+        per_rank = self.micro_batch * self.accum
+        w = self.sampler.next_windows(per_rank * self.dp)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        return [Batch.from_windows(w[i * self.micro_batch:(i + 1) * self.micro_batch]) for i in range(self.accum)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, s: dict) -> None:
+        self.sampler.load_state_dict(s)
+
+
+def eval_windows(data: TokenData, seq_len: int, max_tokens: int | None = None) -> Iterator[np.ndarray]:
+    """All non-overlapping windows of a split in order (deterministic eval), up to max_tokens targets."""
+    n = (data.num_tokens - 1) // seq_len
+    if max_tokens:
+        n = min(n, max(1, max_tokens // seq_len))
+    for w in range(n):
+        yield data.read(w * seq_len, seq_len + 1)

@@ -1,0 +1,85 @@
+"""`llamactl eval`: mean next-token loss and perplexity of a checkpoint on held-out tokens."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llamactl.errors import LlamactlError
+
+
+@dataclass
+class EvalResult:
+    loss: float          # nats per token
+    perplexity: float
+    tokens: int          # target tokens scored
+    split: str
+    seq_len: int
+
+
+@torch.no_grad()
+def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_tokens: int | None = None,
+                   show_progress: bool = False) -> EvalResult:
+    """Score every non-overlapping window of `data` (a TokenData) in order, up to max_tokens targets."""
+    from llamactl.data import Batch, eval_windows
+    from llamactl.parallel.tensor import vocab_parallel_cross_entropy
+    from llamactl.ui import progress
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    windows = list(eval_windows(data, seq_len, max_tokens)) if data.num_tokens > seq_len else []
+    if not windows:
+        raise LlamactlError(f"{data.split} split has {data.num_tokens} tokens, fewer than one window of "
+                            f"{seq_len + 1} ({data.dir}); lower --seq-len")
+    total, count = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with progress(disable=not show_progress) as bar:
+        task = bar.add_task("eval", total=len(windows))
+        for i in range(0, len(windows), batch_size):
+            b = Batch.from_windows(np.stack(windows[i:i + batch_size])).to(device)
+            with autocast:
+                logits = model(b.tokens)
+            total += float(vocab_parallel_cross_entropy(logits, b.targets, ctx, reduction="sum"))
+            count += b.num_valid
+            bar.advance(task, min(batch_size, len(windows) - i))
+    model.train(was_training)
+    loss = total / count
+    return EvalResult(loss, math.exp(min(loss, 700.0)), count, data.split, seq_len)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir as given, or the newest complete one of a run dir (or of its `latest` file)."""
+    from llamactl import checkpoint
+
+    if path.name == "latest" and path.is_file():
+        path = path.parent
+    if path.is_dir() and not (path / "llamactl.json").is_file() and not (path / "config.json").is_file():
+        found = checkpoint.latest(path)
+        if found is None:
+            raise LlamactlError(f"no complete checkpoint in run dir ({path}, --model)")
+        return found
+    return path
+
+
+def run_eval(model_dir: Path, data_dir: Path, *, split: str = "val", seq_len: int | None = None,
+             batch_size: int = 8, max_tokens: int | None = None, device: str = "cpu") -> EvalResult:
+    """Load a checkpoint, check the data was made with its tokenizer, score the split."""
+    from llamactl import checkpoint
+    from llamactl.data import TokenData, check_tokenizer, sha256_file
+
+    model_dir = resolve_checkpoint(Path(model_dir))
+    problems = checkpoint.verify(model_dir)
+    if problems:
+        raise LlamactlError(f"checkpoint is not usable: {problems[0]} ({model_dir}, --model)")
+    data = TokenData(data_dir, split)
+    model, meta = checkpoint.load_model(model_dir, device=device)
+    tok = checkpoint.tokenizer_path(model_dir)
+    check_tokenizer(data.index, Path(data_dir), model.cfg.vocab_size,
+                    sha256_file(tok) if tok and Path(tok).is_file() else None)
+    seq_len = seq_len or min(model.cfg.max_seq_len, int(meta.get("extra", {}).get("seq_len", 0) or model.cfg.max_seq_len))
+    return evaluate_model(model, model.ctx, data, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                          show_progress=True)

@@ -1,0 +1,38 @@
+"""Shared pytest fixtures. Each helper appends its own below; keep them session-scoped and small."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+# ---- text and tokenizer (tokenizer owner) -----------------------------------------------------------
+TINY_CORPUS_BYTES = 600_000
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """~600 KB of English: stdlib docstrings, the same on every machine with the same Python."""
+    from llamactl.corpus import write_stdlib_corpus
+
+    return write_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "stdlib.txt", max_bytes=TINY_CORPUS_BYTES)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    """Path of a Llama-style SentencePiece BPE tokenizer.model (vocab 2048) trained once per session."""
+    from llamactl.tokenizer import train_tokenizer
+
+    return train_tokenizer([tiny_corpus], tmp_path_factory.mktemp("tokenizer"), vocab_size=2048)
+
+
+# ---- checkpoints (generation / chat owner) ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A `tiny` lm checkpoint (seeded random weights, max_seq_len 512) with the tiny tokenizer."""
+    from llamactl import checkpoint
+    from llamactl.config import preset
+    from llamactl.model import build_model
+
+    model = build_model(preset("tiny"), seed=0)
+    return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "tiny", model, tokenizer=tiny_tokenizer, stage="test")

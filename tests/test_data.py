@@ -1,0 +1,151 @@
+"""data prepare (determinism, round trip, validation split, errors) and the window sampler."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llamactl.data import (Batch, PretrainBatches, TokenData, WindowSampler, is_validation, iter_documents,
+                           list_inputs, prepare, read_index)
+from llamactl.errors import LlamactlError
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_corpus, tmp_path_factory) -> Path:
+    """A folder with two text files and a JSONL file cut from the corpus (small: tests stay fast)."""
+    paras = tiny_corpus.read_text().split("\n\n")[:900]
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "a.txt").write_text("\n\n".join(paras[:300]) + "\n")
+    (d / "sub").mkdir()
+    (d / "sub" / "b.txt").write_text("\n\n\n".join(paras[300:600]))
+    (d / "c.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[600:]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(inputs, tiny_tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    prepare([inputs], tiny_tokenizer, out, val_fraction=0.05, workers=2, show_progress=False)
+    return out
+
+
+def _docs(inputs: Path) -> list[str]:
+    return [d for f in list_inputs([inputs]) for d in iter_documents(f)]
+
+
+def test_prepare_round_trip_and_split(prepared, inputs, tiny_tokenizer):
+    from llamactl.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tiny_tokenizer)
+    docs = _docs(inputs)
+    assert len(docs) == 900
+    expect = {"train": [], "val": []}
+    for d in docs:
+        expect["val" if is_validation(d, 0.05) else "train"].extend([tok.bos_id] + tok.encode(d) + [tok.eos_id])
+    index = read_index(prepared)
+    assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size
+    for split in ("train", "val"):
+        data = TokenData(prepared, split)
+        got = data.read(0, data.num_tokens)
+        assert got.tolist() == expect[split]
+        assert index["splits"][split]["documents"] == sum(
+            1 for d in docs if is_validation(d, 0.05) == (split == "val"))
+    assert 0 < index["splits"]["val"]["documents"] < 0.15 * len(docs)
+    # text between BOS and EOS decodes back to the document
+    train = TokenData(prepared, "train").read(0, 4000).tolist()
+    first = train[1:train.index(tok.eos_id)]
+    assert tok.decode(first) == [d for d in docs if not is_validation(d, 0.05)][0]
+
+
+def test_prepare_is_deterministic_across_workers_and_shards(prepared, inputs, tiny_tokenizer, tmp_path):
+    out = tmp_path / "again"
+    prepare([inputs], tiny_tokenizer, out, val_fraction=0.05, workers=1, shard_tokens=5000, show_progress=False)
+    a, b = TokenData(prepared, "train"), TokenData(out, "train")
+    assert len(b.arrays) > 3  # several shards, read back as one stream
+    assert np.array_equal(a.read(0, a.num_tokens), b.read(0, b.num_tokens))
+    # a window straddling a shard boundary
+    assert np.array_equal(a.read(4990, 30), b.read(4990, 30))
+    for split in ("train", "val"):
+        assert read_index(out)["splits"][split]["tokens"] == read_index(prepared)["splits"][split]["tokens"]
+
+
+def test_sampler_reproducible_and_resumable(prepared):
+    data = TokenData(prepared, "train")
+    s1, s2 = WindowSampler(data, 64, seed=3), WindowSampler(data, 64, seed=3)
+    first = s1.next_windows(5)
+    assert np.array_equal(first, s2.next_windows(5))
+    assert not np.array_equal(first, WindowSampler(data, 64, seed=4).next_windows(5))
+    # windows are real consecutive token runs of seq_len + 1
+    starts = [int(s1._order()[i]) * 64 for i in range(5)]
+    assert all(np.array_equal(first[i], data.read(starts[i], 65)) for i in range(5))
+    # resume from (seed, epoch, position) only, across an epoch boundary
+    n = s1.n_windows
+    s1.next_windows(n - 7)
+    state = s1.state_dict()
+    assert state == {"seed": 3, "epoch": 0, "position": n - 2}
+    after = s1.next_windows(6)
+    s3 = WindowSampler(data, 64, seed=3)
+    s3.load_state_dict(state)
+    assert np.array_equal(after, s3.next_windows(6))
+    assert s3.state_dict() == {"seed": 3, "epoch": 1, "position": 4}
+    # each epoch visits every window once
+    ep = WindowSampler(data, 64, seed=0)
+    assert sorted(ep._order().tolist()) == list(range(n))
+
+
+def test_pretrain_batches_split_inputs_targets(prepared):
+    data = TokenData(prepared, "train")
+    src = PretrainBatches(WindowSampler(data, 16, seed=0), micro_batch=3, accum=2)
+    micro = src.next_step()
+    assert len(micro) == 2 and micro[0].tokens.shape == (3, 16)
+    w = WindowSampler(data, 16, seed=0).next_windows(6)
+    assert micro[1].tokens.tolist() == w[3:, :-1].tolist() and micro[1].targets.tolist() == w[3:, 1:].tolist()
+    mask = np.ones((1, 16), dtype=bool)
+    mask[0, :5] = False
+    b = Batch.from_windows(w[:1], mask)
+    assert b.targets[0, :5].tolist() == [-100] * 5 and b.num_valid == 11
+
+
+def test_corrupt_and_empty_shards(prepared, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared, bad)
+    shard = bad / read_index(bad)["splits"]["train"]["shards"][0]["file"]
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-1])
+    with pytest.raises(LlamactlError, match="corrupt.*train-00000.bin"):
+        TokenData(bad, "train")
+    shard.write_bytes(b"")
+    with pytest.raises(LlamactlError, match="empty.*train-00000.bin"):
+        TokenData(bad, "train")
+    shard.write_bytes(np.full(len(raw) // 2, 65000, dtype=np.uint16).tobytes())
+    with pytest.raises(LlamactlError, match="token id 65000"):
+        TokenData(bad, "train")
+    (bad / "index.json").write_text("{not json")
+    with pytest.raises(LlamactlError, match="corrupt index.json"):
+        TokenData(bad, "train")
+
+
+def test_no_documents_and_bad_inputs(tiny_tokenizer, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(LlamactlError, match="no documents"):
+        prepare([tmp_path / "empty.txt"], tiny_tokenizer, tmp_path / "o", show_progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": 1}\n')
+    with pytest.raises(LlamactlError, match='line 2 has no string field "text"'):
+        prepare([tmp_path / "bad.jsonl"], tiny_tokenizer, tmp_path / "o", show_progress=False)
+    with pytest.raises(LlamactlError, match="input not found"):
+        prepare([tmp_path / "missing.txt"], tiny_tokenizer, tmp_path / "o", show_progress=False)
+
+
+def test_cli_prepare_errors_are_one_line(tiny_tokenizer, tmp_path, capsys):
+    from llamactl.cli import main
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tiny_tokenizer),
+              "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no documents found in 1 input file") and "Traceback" not in "".join(err)

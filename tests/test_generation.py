@@ -1,0 +1,256 @@
+"""Generation: equality with transformers and with no-cache recomputation, batching invariance, EOS,
+Meta's top-p rule, seeds, log-probs."""
+import math
+
+import pytest
+import torch
+
+from llamactl.config import ModelConfig
+from llamactl.errors import LlamactlError
+from llamactl.generation import Sample, generate, next_token, sequence_seed
+from llamactl.model import build_model
+from llamactl.parallel.context import ParallelContext
+
+
+def odd_config(**kw):
+    # odd sizes: 3 layers, 6 heads sharing 3 kv heads (GQA), vocab 97
+    base = dict(dim=48, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=97, multiple_of=8, max_seq_len=64)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(odd_config(), seed=7).eval()
+
+
+PROMPTS = [[1, 5, 9], [1, 40, 41, 42, 43, 44, 45], [1], [1, 3, 3, 3, 80, 81, 82, 83, 84, 85, 86, 2]]
+
+
+def full_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids]))[0]
+
+
+# ---- against transformers ------------------------------------------------------------------------------
+def test_greedy_equals_transformers_greedy():
+    transformers = pytest.importorskip("transformers")
+    cfg = odd_config(vocab_size=101)
+    hc = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                  num_key_value_heads=cfg.kv_heads, rms_norm_eps=cfg.norm_eps,
+                                  rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(11)
+    hf = transformers.LlamaForCausalLM(hc).eval()
+    with torch.no_grad():  # random norms so their weights matter
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    ours = build_model(cfg).eval()
+    missing = set(dict(ours.named_parameters()))
+    with torch.no_grad():
+        for name, t in hf.state_dict().items():
+            mine = _hf_to_meta(name)
+            dict(ours.named_parameters())[mine].copy_(t)
+            missing.discard(mine)
+    assert not missing
+    prompts = [[1, 17, 33, 4, 90], [1, 7], [1, 60, 61, 62, 63, 64, 65, 66, 67]]
+    got = generate(ours, prompts, max_new_tokens=20, temperature=0.0)  # one batch, left padded
+    for p, s in zip(prompts, got):
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert s.tokens == ref[0, len(p):].tolist()
+        assert len(s.tokens) == 20 and s.finish_reason == "length"
+
+
+def _hf_to_meta(name: str) -> str:
+    fixed = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    name = name.removeprefix("model.")
+    for hf, meta in [("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+                     ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+                     ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
+                     ("mlp.down_proj", "feed_forward.w2"), ("input_layernorm", "attention_norm"),
+                     ("post_attention_layernorm", "ffn_norm")]:
+        name = name.replace(hf, meta)
+    return name
+
+
+# ---- cache, batching, EOS ------------------------------------------------------------------------------
+def test_cached_generation_equals_recomputation(model):
+    got = generate(model, PROMPTS, max_new_tokens=12)
+    for p, s in zip(PROMPTS, got):
+        seq = list(p)
+        for _ in range(12):  # no cache: a full forward over the whole sequence per token
+            seq.append(int(full_logits(model, seq)[-1].argmax()))
+        assert s.tokens == seq[len(p):]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_batching_invariance(model, temperature, top_p):
+    kw = dict(max_new_tokens=10, temperature=temperature, top_p=top_p, seed=3)
+    batched = generate(model, PROMPTS, **kw)
+    pairs = generate(model, PROMPTS, batch_size=2, **kw)
+    alone = [generate(model, [p], seeds=[sequence_seed(3, i)], **kw)[0] for i, p in enumerate(PROMPTS)]
+    for a, b, c in zip(batched, pairs, alone):
+        assert a.tokens == b.tokens == c.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(a.sample_logprobs), torch.tensor(c.sample_logprobs),
+                                   atol=1e-5, rtol=0)
+
+
+def test_eos_stops_each_sequence_alone(model):
+    free = generate(model, PROMPTS, max_new_tokens=12)
+    eos = free[1].tokens[3]  # a token sequence 1 emits at step 3
+    got = generate(model, PROMPTS, max_new_tokens=12, eos_id=eos)
+    for f, g in zip(free, got):
+        if eos in f.tokens:
+            k = f.tokens.index(eos)
+            assert g.tokens == f.tokens[:k + 1] and g.finish_reason == "stop"
+        else:
+            assert g.tokens == f.tokens and g.finish_reason == "length"
+    assert got[1].finish_reason == "stop" and len(got[1].tokens) <= 4
+    assert any(g.finish_reason == "length" for g in got)  # the others ran on after rows were dropped
+
+
+def test_logprobs_equal_full_forward(model):
+    got = generate(model, PROMPTS, max_new_tokens=9, temperature=0.7, top_p=0.8, seed=5)
+    for s in got:
+        seq = s.prompt + s.tokens
+        logp = torch.log_softmax(full_logits(model, seq[:-1]), -1)
+        ref = logp[len(s.prompt) - 1:].gather(-1, torch.tensor(s.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-5, rtol=0)
+        # sampling-distribution log-probs: T=0.7 softmax, nucleus renormalised -> never below the T=1 value
+        # for the kept tokens' total mass < 1, and they are finite
+        assert all(math.isfinite(x) and x <= 0 for x in s.sample_logprobs)
+
+
+def test_seeds_reproducible(model):
+    kw = dict(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    a = generate(model, PROMPTS, seed=1, **kw)
+    b = generate(model, PROMPTS, seed=1, **kw)
+    c = generate(model, PROMPTS, seed=2, **kw)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.tokens for s in a] != [s.tokens for s in c]
+    # repeated prompts get different samples (num-samples K)
+    d = generate(model, [PROMPTS[0]] * 4, seed=1, **kw)
+    assert len({tuple(s.tokens) for s in d}) > 1
+
+
+def test_greedy_is_argmax_and_logprobs_of_argmax():
+    logits = torch.randn(5, 97, generator=torch.Generator().manual_seed(0))
+    tok, lp, slp = next_token(logits, None, temperature=0.0, top_p=0.5)
+    assert torch.equal(tok, logits.argmax(-1))
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).max(-1).values)
+    assert torch.equal(slp, torch.zeros(5))
+
+
+# ---- Meta's top-p ----------------------------------------------------------------------------------------
+def meta_sample_top_p(probs, p, generator):
+    """Meta's llama/generation.py sample_top_p, with a generator."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def test_top_p_equals_meta_reference():
+    logits = torch.randn(1, 97, generator=torch.Generator().manual_seed(1)) * 2
+    for seed in range(40):
+        for p, t in [(0.9, 1.0), (0.5, 0.7), (0.99, 1.3)]:
+            tok, _, _ = next_token(logits, None, temperature=t, top_p=p,
+                                   generators=[torch.Generator().manual_seed(seed)])
+            ref = meta_sample_top_p(torch.softmax(logits / t, -1), p, torch.Generator().manual_seed(seed))
+            assert tok.tolist() == ref[:, 0].tolist()
+
+
+def test_top_p_one_is_plain_softmax_sampling():
+    logits = torch.randn(3, 97, generator=torch.Generator().manual_seed(2))
+    for seed in range(30):
+        gens = [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)]
+        tok, _, slp = next_token(logits, None, temperature=0.9, top_p=1.0, generators=gens)
+        probs = torch.softmax(logits / 0.9, -1)
+        ref = [int(torch.multinomial(probs[i], 1, generator=torch.Generator().manual_seed(seed * 3 + i)))
+               for i in range(3)]
+        assert tok.tolist() == ref
+        torch.testing.assert_close(slp, probs.log().gather(-1, tok[:, None])[:, 0])
+
+
+def test_tiny_top_p_is_greedy():
+    logits = torch.randn(4, 97, generator=torch.Generator().manual_seed(3))
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed + 100 * i) for i in range(4)]
+        tok, _, slp = next_token(logits, None, temperature=1.5, top_p=1e-6, generators=gens)
+        assert torch.equal(tok, logits.argmax(-1))
+        torch.testing.assert_close(slp, torch.zeros(4))  # the only token kept has probability 1
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+
+    def kept(p):
+        seen = {int(next_token(logits, None, temperature=1.0, top_p=p, generators=[g])[0]) for _ in range(300)}
+        return seen
+
+    assert kept(0.45) == {0}
+    assert kept(0.5) == {0, 1}      # 0.5 of mass before token 1 is not > 0.5: token 1 stays (Meta's strict >)
+    assert kept(0.7) == {0, 1}      # token 1 crosses 0.7 and is kept
+    assert kept(0.85) == {0, 1, 2}
+    tok, _, slp = next_token(logits, None, temperature=1.0, top_p=0.7, generators=[g])
+    torch.testing.assert_close(slp.exp(), probs[0, tok] / 0.8)
+
+
+# ---- errors and interruption -----------------------------------------------------------------------------
+def test_context_overflow_and_pipeline_are_clear_errors(model):
+    with pytest.raises(LlamactlError, match="max-new-tokens"):
+        generate(model, [[1] * 60], max_new_tokens=10)
+    with pytest.raises(LlamactlError, match="pipeline"):
+        generate(model, [[1]], max_new_tokens=2, ctx=ParallelContext(pp=2))
+    with pytest.raises(LlamactlError, match="top-p"):
+        generate(model, [[1]], max_new_tokens=2, top_p=0.0)
+
+
+def test_on_step_streams_and_can_interrupt(model):
+    seen = []
+
+    def on_step(rows, toks):
+        seen.append((rows, toks))
+        return len(seen) == 3
+
+    got = generate(model, PROMPTS[:2], max_new_tokens=10, on_step=on_step)
+    assert [len(s.tokens) for s in got] == [3, 3]
+    assert all(s.finish_reason == "interrupted" for s in got)
+    assert [t for _, t in seen] == [[got[r].tokens[i] for r in rows] for i, (rows, _) in enumerate(seen)]
+    assert isinstance(got[0], Sample)
+
+
+# ---- the CPU decode layout (column-major weights, oneDNN-packed head) ------------------------------------
+def test_decode_layout_changes_no_result():
+    cfg = odd_config()
+    plain = build_model(cfg, seed=9).eval()
+    fast = build_model(cfg, seed=9).eval()
+    from llamactl.generation import decode_layout
+
+    assert decode_layout(fast) == 3 * 7 + 1  # every matrix but the embedding
+    assert fast.output.weight.stride() == (1, cfg.vocab_size)
+    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=4)
+    for prompts in (PROMPTS, PROMPTS[:1]):  # packed head (batch >= 2) and column-major GEMV (batch 1)
+        a, b = generate(plain, prompts, **kw), generate(fast, prompts, **kw)
+        for x, y in zip(a, b):
+            assert x.tokens == y.tokens
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    # the packed copy follows in-place weight updates (optimizer steps between rollouts)
+    with torch.no_grad():
+        for m in (plain, fast):
+            m.output.weight.mul_(-1.5)
+    a, b = generate(plain, PROMPTS, **kw), generate(fast, PROMPTS, **kw)
+    assert [x.tokens for x in a] == [y.tokens for y in b]
+    torch.testing.assert_close(torch.tensor(a[0].logprobs), torch.tensor(b[0].logprobs), atol=1e-5, rtol=0)
