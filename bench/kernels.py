@@ -1,6 +1,6 @@
 """Fused RMSNorm / RoPE vs eager and torch.compile'd reference (and apex / Liger-Kernel if importable).
 
-    python bench/kernels.py [--device cpu|cuda] [--dtypes float32,bfloat16] [--mb 64] [--reps 7] [--malloc-tune]
+    python bench/kernels.py [--device cpu|cuda] [--dtypes float32,bfloat16] [--mb 64] [--reps 7] [--no-malloc-tune]
 
 Same as `llamactl bench kernels`. Prints one table (ms, GB/s, share of the measured copy bandwidth,
 speed-up vs eager and vs torch.compile) and ends with `<what>: <ratio>x <peer> (<details>)` lines.
@@ -19,10 +19,10 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--mb", type=int, default=64, help="size of the main input tensor per case, MiB")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per implementation (median)")
-    p.add_argument("--malloc-tune", action="store_true", help="keep freed memory in glibc's heap (no page faults on reused buffers, for every implementation)")
+    p.add_argument("--no-malloc-tune", action="store_true", help="keep glibc's default malloc (every large output is faulted in page by page, for every implementation)")
     a = p.parse_args()
     report(console, device=a.device, dtypes=tuple(a.dtypes.split(",")), target_mb=a.mb, reps=a.reps,
-           progress_factory=progress, malloc_tune=a.malloc_tune)
+           progress_factory=progress, malloc_tune=not a.no_malloc_tune)
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def n_steps(dtypes) -> int:
 
 
 def report(console, *, device: str | None = None, dtypes=("float32", "bfloat16"), target_mb: int = 64, reps: int = 7,
-           progress_factory=None, malloc_tune: bool = False) -> list[str]:
+           progress_factory=None, malloc_tune: bool = True) -> list[str]:
     """Run the benchmark, print one rich table and the summary lines to `console`; return the lines."""
     from rich import box
     from rich.table import Table

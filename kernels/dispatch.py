@@ -87,7 +87,11 @@ def reset() -> None:
     _CHOSEN.clear()
 
 
-@torch.compiler.assume_constant_result
 def use_fused(device_type: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
     """Constant under torch.compile: the choice is made (and the extension built) at trace time."""
     return x_dtype in FUSED_DTYPES and w_dtype == x_dtype and backend(device_type).fused
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (~3 s) in every
+# process that never compiles.
+use_fused._dynamo_marked_constant = True

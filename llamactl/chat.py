@@ -9,7 +9,8 @@ Streaming: the answer's ids are decoded as a whole after every token and only th
 printed, so SentencePiece's leading-space pieces ("▁word") and multi-byte characters split over byte
 pieces come out right (a trailing U+FFFD means an incomplete character: it waits for the next token).
 Ctrl-C during an answer stops that answer (the partial answer stays in the history); Ctrl-C or
-Ctrl-D at the prompt leaves.
+Ctrl-D at the prompt leaves. Reserved tags the model itself generates are removed from the stored
+answer (kept, they would make every later prompt a refused dialog).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Callable
 
 from llamactl.errors import LlamactlError
 from llamactl.generation import generate, sequence_seed
+from llamactl.tokenizer import SPECIAL_TAGS
 
 HELP = "commands: /system TEXT (set the system prompt; empty clears it), /reset, /save FILE, /exit"
 
@@ -118,6 +120,8 @@ class ChatSession:
         if rest and on_text is not None:
             on_text(rest)
         answer = self.tok.decode([t for t in s.tokens if t != eos]).strip()
+        for tag in SPECIAL_TAGS:  # a generated tag would make every later turn a refused dialog
+            answer = answer.replace(tag, "")
         self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer, s.finish_reason
 

@@ -103,21 +103,42 @@ def pretrain(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and plan, then stop."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel degree."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node; > 1 re-launches through torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes (run the same command on each; passed to torchrun)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0..nnodes-1 (passed to torchrun)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 (passed to torchrun)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Port on node 0 (passed to torchrun)."),
 ):
     """Pretrain a model from scratch with the paper's recipe (AdamW, cosine to 10 %, warmup, clip 1)."""
+    import os
+
     from llamactl.config import ParallelConfig
+    from llamactl.parallel.launch import LaunchConfig, maybe_relaunch
+    from llamactl.plan import dry_run_plan, layout_error, print_run_plan
     from llamactl.stages import pretrain as stage
+
+    world = int(os.environ.get("WORLD_SIZE", nproc * nnodes))  # under torchrun: the launched world
+    if dry_run and data is None and config is None:
+        dry_run_plan(size or "tiny", "pretrain", tp=tp, pp=pp, gpus=world, seq_len=seq_len, micro_batch=micro_batch,
+                     tokens=tokens)
+        return
 
     flags = dict(size=size, data=str(data) if data else None, out=str(out) if out else None, steps=steps,
                  tokens=tokens, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr,
                  warmup=warmup, schedule=schedule, save_every=save_every, keep=keep, seed=seed,
                  tokenizer=str(tokenizer) if tokenizer else None, recompute=recompute, compile=compile,
                  peak_flops=peak_flops, eval_tokens=eval_tokens, device=device)
-    plan_ = stage.resolve(flags, config, ParallelConfig(tp=tp, pp=pp, nproc=nproc))
+    plan_ = stage.resolve(flags, config, ParallelConfig(tp=tp, pp=pp, nproc=world))
+    par = plan_.parallel
+    err = layout_error(plan_.model, par.tp, par.pp)
+    if err:
+        raise LlamactlError(err)
     if dry_run:
         stage.describe(plan_)
+        print_run_plan(plan_.cfg.size, plan_.model, "pretrain", tp=par.tp, pp=par.pp, gpus=world,
+                       seq_len=plan_.cfg.seq_len, micro_batch=plan_.cfg.micro_batch, tokens=plan_.cfg.tokens)
         return
+    maybe_relaunch(par.tp, par.pp, LaunchConfig(nproc, nnodes, node_rank, master_addr, master_port))
     stage.run(plan_, resume=resume)
 
 
@@ -295,8 +316,8 @@ def bench_kernels(
     dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="Comma-separated dtypes: float32, bfloat16."),
     mb: int = typer.Option(64, "--mb", min=1, help="Size of each case's main input tensor in MiB."),
     reps: int = typer.Option(7, "--reps", min=1, help="Timed repetitions per implementation (median)."),
-    malloc_tune: bool = typer.Option(False, "--malloc-tune",
-                                     help="Keep freed memory in glibc's heap (no page faults on reused buffers)."),
+    no_malloc_tune: bool = typer.Option(False, "--no-malloc-tune",
+                                        help="Keep glibc's default malloc (large outputs faulted in page by page)."),
 ):
     """Fused RMSNorm/RoPE vs eager and torch.compile (GB/s against the measured copy bandwidth)."""
     from llamactl.kernels.bench import DTYPES, report
@@ -310,11 +331,24 @@ def bench_kernels(
         raise LlamactlError(f"unknown device {device!r} (--device: cpu or cuda)")
     try:
         report(console, device=device, dtypes=names, target_mb=mb, reps=reps, progress_factory=progress,
-               malloc_tune=malloc_tune)
+               malloc_tune=not no_malloc_tune)
     except RuntimeError as e:
         if "no fused backend" in str(e):
             raise LlamactlError(f"{e} (llamactl bench kernels)") from None
         raise
+
+
+# ---- offline corpus (demo, tests) -------------------------------------------------------------------
+@data_app.command("corpus")
+def data_corpus(
+    out: Path = typer.Option(..., "--out", help="Text file to write."),
+    max_mb: Optional[float] = typer.Option(None, "--max-mb", help="Stop after this many MB of text (default: all, ~2.5 MB)."),
+):
+    """Write real English text every machine has offline: the docs inside Python's standard library."""
+    from llamactl.corpus import write_stdlib_corpus
+
+    path = write_stdlib_corpus(out, max_bytes=int(max_mb * 1e6) if max_mb else None)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 # ---- entry point ------------------------------------------------------------------------------------

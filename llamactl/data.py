@@ -361,16 +361,26 @@ class WindowSampler:
             self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
         return self._perm
 
-    def next_windows(self, n: int) -> np.ndarray:
-        """The next n windows, (n, seq_len+1) int64, crossing epochs as needed."""
-        out = np.empty((n, self.seq_len + 1), dtype=np.int64)
+    def next_ids(self, n: int) -> np.ndarray:
+        """Advance by n windows, crossing epochs as needed; their window indices."""
+        out = np.empty(n, dtype=np.int64)
         for r in range(n):
             if self.position >= self.n_windows:
                 self.epoch, self.position, self._perm = self.epoch + 1, 0, None
-            w = int(self._order()[self.position])
-            out[r] = self.data.read(w * self.seq_len, self.seq_len + 1)
+            out[r] = self._order()[self.position]
             self.position += 1
         return out
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """Windows (len(ids), seq_len+1) int64 of the given indices."""
+        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        for r, w in enumerate(ids):
+            out[r] = self.data.read(int(w) * self.seq_len, self.seq_len + 1)
+        return out
+
+    def next_windows(self, n: int) -> np.ndarray:
+        """The next n windows, (n, seq_len+1) int64."""
+        return self.read(self.next_ids(n))
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
@@ -397,7 +407,8 @@ class PretrainBatches:
 
     def next_step(self) -> list[Batch]:
         per_rank = self.micro_batch * self.accum
-        w = self.sampler.next_windows(per_rank * self.dp)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        ids = self.sampler.next_ids(per_rank * self.dp)  # every rank advances the same global order
+        w = self.sampler.read(ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank])
         return [Batch.from_windows(w[i * self.micro_batch:(i + 1) * self.micro_batch]) for i in range(self.accum)]
 
     def state_dict(self) -> dict:

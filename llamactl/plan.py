@@ -400,3 +400,21 @@ def print_run_plan(size: str, cfg: ModelConfig, stage: str, *, tp: int, pp: int,
                      micro_batch=micro_batch, tokens=tokens, tp=tp, pp=pp, cfg=cfg)
     print_plan(plan)
     return plan
+
+
+def dry_run_plan(size: str, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int | None = None,
+                 micro_batch: int | None = None, tokens: float | None = None) -> Plan:
+    """--dry-run without data: the preset's resolved model and layout, then the plan of that layout."""
+    from llamactl.config import ParallelConfig, dump_toml
+    from llamactl.ui import console
+
+    cfg = preset(size)
+    err = layout_error(cfg, tp, pp)
+    if err:
+        raise LlamactlError(err)
+    seq = seq_len or min(4096, cfg.max_seq_len)
+    par = ParallelConfig(tp=tp, pp=pp, nproc=max(gpus, tp * pp))
+    console.print(dump_toml({"model": cfg, "parallel": par}), markup=False)
+    console.print(f"(no --data given: the {stage} settings that depend on the data and tokenizer resolve once it is)")
+    return print_run_plan(size, cfg, stage, tp=tp, pp=pp, gpus=gpus, seq_len=seq, micro_batch=micro_batch or 1,
+                          tokens=tokens)

@@ -176,6 +176,32 @@ def pipeline_step(model: torch.nn.Module, micro_batches: list, ctx: ParallelCont
     return _share_results(total, extras, ctx, denom)
 
 
+@torch.no_grad()
+def forward_only(model: torch.nn.Module, micro_batches: list, ctx: ParallelContext,
+                 loss_fn: Callable[[torch.Tensor, Any], Any], *, inputs: Callable[[Any], torch.Tensor] = lambda b: b.tokens,
+                 autocast: Callable[[], Any] = contextlib.nullcontext) -> StepResult:
+    """Evaluation through the pipeline: forwards only, activations flow one way. Returns the SUM of
+    loss_fn over the micro-batches (and metrics), summed over dp, on every rank."""
+    p0 = next(model.parameters())
+    p2p = _P2P(ctx, p0.dtype, p0.device)
+    total = torch.zeros((), dtype=torch.float64, device=p0.device)
+    extras: dict[str, torch.Tensor] = {}
+    for b in micro_batches:
+        x = p2p.recv_forward(tuple(inputs(b).shape[:2]) + (model.cfg.dim,))
+        with autocast():
+            out = model(inputs(b) if x is None else x)
+            if not ctx.is_last_stage:
+                p2p.send_forward(out)
+                continue
+            res = loss_fn(out, b)
+        loss_sum, more = res if isinstance(res, tuple) else (res, {})
+        total += loss_sum.to(torch.float64)
+        for k, v in more.items():
+            v = torch.as_tensor(v, dtype=torch.float64).to(p0.device)
+            extras[k] = extras.get(k, torch.zeros((), dtype=torch.float64, device=p0.device)) + v
+    return _share_results(total, extras, ctx, 1.0)
+
+
 def _share_results(total: torch.Tensor, extras: dict[str, torch.Tensor], ctx: ParallelContext,
                    denom: float) -> StepResult:
     """Loss and metrics live on the last stage: send them to every stage, sum over data parallel."""

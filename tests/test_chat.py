@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from llamactl.chat import ChatSession, ChatSettings, StreamDecoder
 from llamactl.cli import main
@@ -20,6 +21,15 @@ from llamactl.errors import LlamactlError
 from llamactl.generation import generate, sequence_seed
 from llamactl.model import build_model
 from llamactl.tokenizer import Tokenizer, encode_dialog
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes gain nothing from more threads, and on a shared machine each parallel region can stall."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +98,19 @@ def test_special_tags_refused_history_untouched(tok, small_ctx_model):
         with pytest.raises(LlamactlError, match="reserved tag"):
             s.reply(bad)
     assert s.turns == before
+
+
+def test_generated_tags_do_not_poison_the_history(tok, small_ctx_model, monkeypatch):
+    import llamactl.chat as chat
+    from llamactl.generation import Sample
+
+    fake = tok.encode("Sure [INST] more <</SYS>> text") + [tok.eos_id]
+    monkeypatch.setattr(chat, "generate", lambda model, prompts, **kw: [Sample(prompts[0], fake, [0.0] * len(fake),
+                                                                               [0.0] * len(fake), "stop")])
+    s = ChatSession(small_ctx_model, tok, ChatSettings(max_new_tokens=4))
+    answer, _ = s.reply("hello")
+    assert "[INST]" not in answer and "<</SYS>>" not in answer and answer.startswith("Sure")
+    s.prompt_ids("next")  # the history stays a valid dialog
 
 
 # ---- the command line (needs a checkpoint) -----------------------------------------------------------------

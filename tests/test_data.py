@@ -103,6 +103,11 @@ def test_pretrain_batches_split_inputs_targets(prepared):
     assert len(micro) == 2 and micro[0].tokens.shape == (3, 16)
     w = WindowSampler(data, 16, seed=0).next_windows(6)
     assert micro[1].tokens.tolist() == w[3:, :-1].tolist() and micro[1].targets.tolist() == w[3:, 1:].tolist()
+    # data parallel: the ranks split the same global windows, and all advance the same state
+    ranks = [PretrainBatches(WindowSampler(data, 16, seed=0), micro_batch=3, accum=1, dp=2, dp_rank=r) for r in (0, 1)]
+    parts = [r.next_step()[0].tokens for r in ranks]
+    assert parts[0].tolist() == w[:3, :-1].tolist() and parts[1].tolist() == w[3:, :-1].tolist()
+    assert ranks[0].state_dict() == ranks[1].state_dict() == src.state_dict()
     mask = np.ones((1, 16), dtype=bool)
     mask[0, :5] = False
     b = Batch.from_windows(w[:1], mask)

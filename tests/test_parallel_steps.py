@@ -185,7 +185,7 @@ def _variable_lengths(rank, world):
     from llamactl.data import Batch
     from llamactl.model import build_model
     from llamactl.parallel.context import ParallelContext
-    from llamactl.parallel.pipeline import lm_output_loss, pipeline_step
+    from llamactl.parallel.pipeline import forward_only, lm_output_loss, pipeline_step
 
     g = torch.Generator().manual_seed(5)
     mbs = []
@@ -204,6 +204,10 @@ def _variable_lengths(rank, world):
     for name, p in model.named_parameters():
         err = (p.grad - ref_p[name].grad).abs().max().item()
         assert err <= 1e-6, f"variable-length PP=2: grad of {name} differs by {err:.3g}"
+    model.eval(), ref.eval()
+    summed = forward_only(model, mbs, ctx, lm_output_loss(ctx)).loss  # evaluation: forwards only
+    want_sum = forward_only(ref, mbs, single, lm_output_loss(single)).loss
+    assert abs(summed - want_sum) <= LOSS_RTOL * want_sum and abs(want_sum / denom - want.loss) <= 1e-6 * want.loss
 
 
 def _two(rank, world, root):

@@ -98,3 +98,18 @@ def test_cli_bad_layout_is_one_line(capsys, args, msg):
     assert code == 1
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], err
+
+
+def test_run_plan_for_a_dry_run(capsys):
+    """What `pretrain --size 70b --tp 8 --pp 8 --dry-run` shows: the plan of exactly that layout."""
+    from llamactl.plan import print_run_plan
+
+    plan = print_run_plan("70b", preset("70b"), "pretrain", tp=8, pp=8, gpus=1, seq_len=4096)
+    assert (plan.chosen.tp, plan.chosen.pp, plan.chosen.dp, plan.gpus) == (8, 8, 1, 64)
+    assert plan.check_ok and len(plan.checks) == 8
+    out = capsys.readouterr().out
+    assert "meta-device check passed" in out and "tp 8 x pp 8 x dp 1" in out
+    from llamactl.errors import LlamactlError
+
+    with pytest.raises(LlamactlError, match="--tp 3 does not divide the 64 attention heads"):
+        print_run_plan("70b", preset("70b"), "pretrain", tp=3, pp=8, gpus=1, seq_len=4096)

@@ -107,19 +107,33 @@ def test_dry_run_prints_plan_and_writes_nothing(data, tmp_path):
     assert not (tmp_path / "dry").exists()
 
 
-def test_paper_defaults_for_big_presets(data):
+def test_defaults_config_file_and_flags(data, tmp_path):
+    from llamactl.config import PRETRAIN_PEAK_LR
     from llamactl.stages.pretrain import resolve
 
     with pytest.raises(LlamactlError, match="tokenizer has 2048 tokens but the 7b model has a vocabulary of 32000"):
         resolve({"size": "7b", "data": str(data)})
+    long = resolve({"size": "tiny", "data": str(data), "steps": 50_000})
+    assert long.cfg.warmup == 2000 and long.cfg.lr == PRETRAIN_PEAK_LR["tiny"]   # paper warmup
+    short = resolve({"size": "tiny", "data": str(data), "steps": 100})
+    assert short.cfg.warmup == 10 and short.model.vocab_size == 2048             # 10 % of a short run
+    toml = tmp_path / "p.toml"
+    toml.write_text('[pretrain]\nsize = "tiny"\nsteps = 7\nlr = 0.001\nseq_len = 64\n[model]\nn_layers = 2\n')
+    plan = resolve({"data": str(data), "lr": 0.002}, toml)
+    assert (plan.cfg.steps, plan.cfg.lr, plan.cfg.seq_len, plan.model.n_layers) == (7, 0.002, 64, 2)  # flags win
+    assert plan.step_tokens == plan.cfg.batch_tokens == 8192
+    toml.write_text("[pretrain]\nstepz = 3\n")
+    with pytest.raises(LlamactlError, match=r"unknown keys \['stepz'\]"):
+        resolve({"data": str(data)}, toml)
 
 
 def test_vocab_and_data_errors_are_one_line(data, tmp_path, tiny_corpus):
-    from llamactl.corpus import write_stdlib_corpus  # noqa: F401  (the corpus is offline)
     from llamactl.data import prepare
     from llamactl.tokenizer import train_tokenizer
 
-    other_tok = train_tokenizer([tiny_corpus], tmp_path / "tok", vocab_size=1024)
+    small = tmp_path / "small.txt"
+    small.write_text(tiny_corpus.read_text()[:150_000])
+    other_tok = train_tokenizer([small], tmp_path / "tok", vocab_size=1024)
     p = _run("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), "--tokenizer", str(other_tok), "--dry-run",
              check=False)
     assert p.returncode == 1
@@ -127,7 +141,7 @@ def test_vocab_and_data_errors_are_one_line(data, tmp_path, tiny_corpus):
         f"error: data was tokenized with a vocabulary of 2048 but the model has 1024 ({data}, --data); "
         "prepare the data with the model's tokenizer"]
     bad = tmp_path / "bad"
-    prepare([tiny_corpus], other_tok, bad, val_fraction=0.0, workers=1, show_progress=False)
+    prepare([small], other_tok, bad, val_fraction=0.0, workers=1, show_progress=False)
     (bad / "train-00000.bin").write_bytes(b"\x01")
     p = _run("pretrain", "--data", str(bad), "--out", str(tmp_path / "r2"), "--steps", "1", check=False)
     assert p.returncode == 1

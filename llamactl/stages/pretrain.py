@@ -81,6 +81,12 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: Pa
     cfg = apply_overrides(PretrainConfig(), file.get("pretrain", {}), f"[pretrain] in {config_file}")
     cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "flags")
     par = apply_overrides(parallel or ParallelConfig(), file.get("parallel", {}), f"[parallel] in {config_file}")
+    if flags.get("steps") is not None and flags.get("tokens") is not None:
+        raise LlamactlError("give either --steps or --tokens, not both")
+    if flags.get("tokens") is not None:
+        cfg.steps = None  # --tokens overrides steps from a config file
+    elif flags.get("steps") is not None or cfg.tokens is not None and cfg.steps is not None:
+        cfg.tokens = None  # steps decide; tokens is recomputed from them
     if cfg.size not in PRESETS:
         raise LlamactlError(f"unknown size {cfg.size!r}; choose one of {', '.join(PRESETS)} (--size)")
     if not cfg.data:
@@ -153,7 +159,9 @@ def run(plan: Plan, *, resume: bool = False, show_progress: bool = True):
     from llamactl.ui import console, table
 
     c = plan.cfg
-    ctx = ParallelContext.from_world(plan.parallel.tp, plan.parallel.pp)
+    from llamactl.parallel.launch import init_distributed  # joins torchrun's process group (--nproc)
+
+    ctx = init_distributed(plan.parallel.tp, plan.parallel.pp)
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and ctx.world_size > 1:
         device = f"cuda:{torch.cuda.current_device()}"
@@ -164,13 +172,21 @@ def run(plan: Plan, *, resume: bool = False, show_progress: bool = True):
     tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        recompute=c.recompute, compile=c.compile, peak_flops=c.peak_flops)
+    hooks = None
+    if ctx.world_size > 1:  # 1F1B pipeline step, bucketed dp gradient sum, global-norm clipping
+        from llamactl.parallel.data import training_hooks
+        from llamactl.parallel.pipeline import lm_output_loss
+        from llamactl.trainer import Hooks
+
+        amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if str(device).startswith("cuda") else None
+        hooks = Hooks(**training_hooks(model, ctx, lm_output_loss(ctx), autocast=amp))
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), tokenizer=Path(c.tokenizer), stage="pretrain",
-                 resume=resume, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
+                 resume=resume, hooks=hooks, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
                  config_sections={"pretrain": c, "model": plan.model, "parallel": plan.parallel},
                  extra_meta={"seq_len": c.seq_len, "data": str(c.data)}, show_progress=show_progress)
     rows = [["steps", result.step], ["tokens", f"{result.tokens:,}"],
             ["final train loss", f"{result.last_loss:.4f}" if result.last_loss is not None else "-"]]
-    if c.eval_tokens and not result.stopped_by:
+    if c.eval_tokens and not result.stopped_by and ctx.pp == 1:  # eval is not pipelined yet
         from llamactl.stages.evaluate import evaluate_model
 
         val = TokenData(Path(c.data), "val")

@@ -54,7 +54,6 @@ struct Plain {
       a.store(p, c);
     }
   }
-  static inline void round(V&, V&) {}  // storage == accumulation type: nothing to round
 };
 
 template <typename T>
@@ -78,10 +77,6 @@ struct Io<BFloat16> {
   }
   static inline void store(BFloat16* p, int64_t c, const V& a, const V& b) {
     at::vec::convert_from_float<BFloat16>(a, b).store(p, c);
-  }
-  // Round to bf16 and back: the reference casts x*rstd to the input dtype before the weight multiply.
-  static inline void round(V& a, V& b) {
-    std::tie(a, b) = at::vec::convert_to_float<BFloat16>(at::vec::convert_from_float<BFloat16>(a, b));
   }
 };
 

@@ -24,14 +24,23 @@ namespace llamactl_cpu {
 namespace {
 
 // Outputs are fresh allocations; glibc serves large ones with new mmap'd pages, and faulting those in
-// 4 KiB at a time costs more than the kernel's own memory traffic (64 MiB: ~50 ms of faults vs ~9 ms).
-// Asking for transparent huge pages before the first touch (MADV_HUGEPAGE) removes most of it. A hint
-// only: ignored where THP is off; memory already touched (reused heap) is unaffected.
+// 4 KiB at a time can cost more than the kernel's own memory traffic (64 MiB: ~50 ms of faults vs ~9 ms
+// on the dev VM). LLAMACTL_CPU_THP=1 asks for transparent huge pages before the first touch
+// (MADV_HUGEPAGE), which removes most of it when free huge pages exist, but with THP defrag=madvise a
+// fault may then stall in direct compaction (seen: 1 s steps on a busy host), so it is opt-in.
+bool use_thp() {
+  static const bool on = [] {
+    const char* v = std::getenv("LLAMACTL_CPU_THP");
+    return v && (std::strcmp(v, "1") == 0 || std::strcmp(v, "on") == 0);
+  }();
+  return on;
+}
+
 at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t nbytes = t.nbytes();
-  if (nbytes >= (size_t(4) << 20)) {
+  if (nbytes >= (size_t(4) << 20) && use_thp()) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
     const uintptr_t page = 4096;
     const uintptr_t a = (p + page - 1) & ~(page - 1);
