@@ -151,8 +151,48 @@ class _StopOnSigint:
         return False
 
 
-def run_chat(model_dir, settings: ChatSettings, *, prompt: str | None = None, device: str = "auto") -> None:
-    """The REPL, or with `prompt` one answer printed to stdout (banners go to stderr)."""
+class _Ranks:
+    """Keeps tensor-parallel ranks in lock step: rank 0 owns the terminal, the others follow its input
+    and its Ctrl-C. At tp == 1 every method is the plain local operation."""
+
+    def __init__(self, ctx, device):
+        self.ctx, self.device = ctx, device
+        self.multi = ctx is not None and ctx.world_size > 1
+
+    def read(self, prompt_text: str) -> str | None:
+        """A line typed on rank 0 (None at end of input), the same on every rank."""
+        line = None
+        if not self.multi or self.ctx.rank == 0:
+            try:
+                line = input(prompt_text)
+            except (EOFError, KeyboardInterrupt):
+                line = None
+        if self.multi:
+            import torch.distributed as dist
+
+            box = [line]
+            dist.broadcast_object_list(box, src=0)
+            line = box[0]
+        return line
+
+    def agree_stop(self, hit: bool) -> bool:
+        """Stop the answer on every rank when rank 0 saw Ctrl-C (ranks must take the same steps)."""
+        if not self.multi:
+            return hit
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if (hit and self.ctx.rank == 0) else 0.0], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
+def run_chat(model_dir, settings: ChatSettings, *, prompt: str | None = None, device: str = "auto",
+             ctx=None) -> None:
+    """The REPL, or with `prompt` one answer printed to stdout (banners go to stderr).
+
+    With a tensor-parallel `ctx` (launched by --nproc or torchrun) every rank holds its weight slices;
+    rank 0 reads and prints, the others follow."""
     from llamactl.generation import load_for_generation
     from llamactl.tokenizer import validate_dialog
     from rich.markup import escape
@@ -165,25 +205,31 @@ def run_chat(model_dir, settings: ChatSettings, *, prompt: str | None = None, de
         raise LlamactlError(f"--top-p must be in (0, 1], got {settings.top_p}")
     if settings.system:
         validate_dialog([{"role": "system", "content": settings.system}, {"role": "user", "content": "x"}])
-    model, tok = load_for_generation(model_dir, device)
+    model, tok = load_for_generation(model_dir, device, ctx)
     session = ChatSession(model, tok, settings)
+    ranks = _Ranks(ctx, next(model.parameters()).device)
+    quiet = ranks.multi and ctx.rank != 0
 
     def out(piece: str) -> None:
+        if quiet:
+            return
         console.file.write(piece)
         console.file.flush()
 
     if prompt is not None:  # one-shot
         with _StopOnSigint() as stop:
-            session.reply(prompt, out, lambda: stop.hit)
+            session.reply(prompt, out, lambda: ranks.agree_stop(stop.hit))
         out("\n")
         return
+    if quiet:
+        err_console.quiet = True
+        console.quiet = True
 
     err_console.print(f"[bold]llamactl chat[/bold] {model_dir} ({model.cfg.num_params() / 1e6:,.1f}M parameters, "
                       f"context {model.cfg.max_seq_len}). {HELP}")
     while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
+        line = ranks.read("you> ")
+        if line is None:
             out("\n")
             return
         text = line.strip()
@@ -211,7 +257,8 @@ def run_chat(model_dir, settings: ChatSettings, *, prompt: str | None = None, de
                     err_console.print("[red]error:[/red] /save needs a file name")
                     continue
                 try:
-                    console.print(f"[dim](saved {session.save(arg)})[/dim]")
+                    if not quiet:
+                        console.print(f"[dim](saved {session.save(arg)})[/dim]")
                 except OSError as e:
                     err_console.print(f"[red]error:[/red] {escape(f'cannot write {arg}: {e}')}")
             else:
@@ -226,7 +273,7 @@ def run_chat(model_dir, settings: ChatSettings, *, prompt: str | None = None, de
         out("assistant> ")
         try:
             with _StopOnSigint() as stop:
-                _, reason = session.reply(text, out, lambda: stop.hit)
+                _, reason = session.reply(text, out, lambda: ranks.agree_stop(stop.hit))
         except LlamactlError as e:
             out("\n")
             err_console.print(f"[red]error:[/red] {escape(str(e))}")

@@ -584,6 +584,19 @@ def _ckpt_dir(ckpt_dir) -> Path:
     return p
 
 
+def resolve(path, flag: str = "--model") -> Path:
+    """A checkpoint dir as given, or the newest complete one of a run dir (or of its `latest` file)."""
+    path = Path(path)
+    if path.name == "latest" and path.is_file():
+        path = path.parent
+    if path.is_dir() and not (path / META_FILE).is_file() and not (path / "config.json").is_file():
+        found = latest(path)
+        if found is None:
+            raise LlamactlError(f"no complete checkpoint in run dir ({path}, {flag})")
+        return found
+    return path
+
+
 def read_meta(ckpt_dir) -> dict:
     """llamactl.json of a checkpoint; for a plain Hugging Face directory, an equivalent summary."""
     p = _ckpt_dir(ckpt_dir)
@@ -814,23 +827,11 @@ def load_model(ckpt_dir, ctx: ParallelContext | None = None, *, device="cpu", dt
     return model, meta
 
 
-@torch.no_grad()
-def _init_head(model, seed: int = 0, std: float = 0.02) -> None:
-    from llamactl.model import _param_seed
+def _init_head(model, seed: int = 0) -> None:
+    """A fresh head (e.g. a reward model started from a chat checkpoint), layout-independent like init."""
+    from llamactl.model import init_weights
 
-    specs = shard_specs(model)
-    for name, p in model.named_parameters():
-        if name not in HEAD_PARAMS:
-            continue
-        spec = specs.get(name)
-        shape = list(p.shape)
-        if spec is not None:
-            shape[spec.dim] = spec.full
-        g = torch.Generator().manual_seed(_param_seed(seed, name))
-        full = torch.randn(shape, generator=g, dtype=torch.float32) * std
-        if spec is not None:
-            full = full.narrow(spec.dim, spec.start, spec.length)
-        p.copy_(full)
+    init_weights(model, seed, only=HEAD_PARAMS)
 
 
 # ---- the run directory's `latest` pointer ----------------------------------------------------------------

@@ -258,12 +258,19 @@ def chat_cmd(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per answer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generators."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree: each process holds 1/tp of the weights."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to launch on this node (torchrun); must equal --tp."),
 ):
     """Chat in the terminal (streams tokens; /system, /reset, /save FILE, /exit; Ctrl-C stops an answer)."""
     from llamactl.chat import ChatSettings, run_chat
+    from llamactl.parallel.launch import LaunchConfig, init_distributed, maybe_relaunch
 
+    if nproc > 1 and nproc != tp:
+        raise LlamactlError(f"chat runs tensor parallel only: --nproc {nproc} must equal --tp {tp}")
+    maybe_relaunch(tp, 1, LaunchConfig(nproc=nproc))
+    ctx = init_distributed(tp, 1)
     run_chat(model, ChatSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                 system=system), prompt=prompt, device=device)
+                                 system=system), prompt=prompt, device=device, ctx=ctx)
 
 
 # ---- checkpoints: info, convert, export (issue 2) -------------------------------------------------------

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from llamactl.errors import LlamactlError
+from llamactl.textfiles import list_input_files
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
@@ -82,18 +83,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def list_inputs(inputs: list[Path]) -> list[Path]:
     """Expand folders (recursively, sorted) into text / JSONL files; keep explicit files as given."""
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
-            if not found:
-                raise LlamactlError(f"folder holds no .txt/.md/.rst/.jsonl files ({p}, --input)")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise LlamactlError(f"input not found ({p}, --input)")
-    return files
+    return list_input_files(inputs, TEXT_SUFFIXES + JSONL_SUFFIXES)
 
 
 def iter_documents(path: Path) -> Iterator[str]:

@@ -294,8 +294,10 @@ def decode_layout(model, *, pack_head: bool = True) -> int:
 
 
 # ---- the `llamactl generate` driver -------------------------------------------------------------------------
-def load_for_generation(model_dir, device: str = "auto"):
-    """(model in eval mode, Tokenizer) from a checkpoint directory; bf16 on CUDA, fp32 on CPU."""
+def load_for_generation(model_dir, device: str = "auto", ctx: ParallelContext | None = None):
+    """(model in eval mode, Tokenizer) from a checkpoint directory; bf16 on CUDA, fp32 on CPU.
+
+    With a tensor-parallel ctx every rank loads only its own slices (no consolidation)."""
     from pathlib import Path
 
     from llamactl import checkpoint
@@ -304,10 +306,13 @@ def load_for_generation(model_dir, device: str = "auto"):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LlamactlError(f"checkpoint directory not found: {model_dir} (--model)")
+    model_dir = checkpoint.resolve(model_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, _ = checkpoint.load_model(model_dir, device=device, dtype=dtype)
+    if ctx is not None and ctx.pp > 1:
+        raise LlamactlError("generation runs with tensor parallelism only; use --pp 1 (--tp N)")
+    model, _ = checkpoint.load_model(model_dir, ctx, device=device, dtype=dtype)
     decode_layout(model)
     tok = Tokenizer.load(checkpoint.tokenizer_path(model_dir))
     if tok.vocab_size > model.cfg.vocab_size:

@@ -253,11 +253,16 @@ def _param_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
-    """Layout-independent init: each parameter's full tensor from its own seeded generator, then sliced."""
+def init_weights(model: Transformer, seed: int, std: float = 0.02, only=None) -> None:
+    """Layout-independent init: each parameter's full tensor from its own seeded generator, then sliced.
+
+    `only`: names of the parameters to initialise (e.g. a fresh reward head); default all.
+    """
     specs = shard_specs(model)
     out_std = std / math.sqrt(2 * model.cfg.n_layers)
     for name, p in model.named_parameters():
+        if only is not None and name not in only:
+            continue
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import sentencepiece as spm
 
 from llamactl.errors import LlamactlError
+from llamactl.textfiles import list_input_files
 
 MODEL_NAME = "tokenizer.model"
 
@@ -117,20 +118,7 @@ class TrainReport:
 
 def _input_files(inputs: Sequence[Path]) -> list[Path]:
     """Files to read: each file as given, each folder's text/JSONL files in sorted order."""
-    files: list[Path] = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*")
-                           if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise LlamactlError(f"no {', '.join(TEXT_SUFFIXES)} files in folder {p} (--input)")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise LlamactlError(f"input not found: {p} (--input)")
-    return files
+    return list_input_files(inputs, TEXT_SUFFIXES)
 
 
 def _lines(path: Path, on_bytes) -> Iterator[str]:

@@ -185,6 +185,20 @@ def test_one_shot_prints_answer(one_shot, tiny_checkpoint, tok):
     assert len(s.tokens) > 20  # long enough for the Ctrl-C check below
 
 
+def test_one_shot_tensor_parallel_equals_one_process(one_shot, tiny_checkpoint):
+    """`llamactl chat --tp 2 --nproc 2`: two gloo ranks, each with half the weights, sampling with the
+    same seed (here greedy and top-p), print exactly what one process prints."""
+    for extra in (["--temperature", "0", "--max-new-tokens", LONG],
+                  ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "40"]):
+        args = ["chat", "--model", str(tiny_checkpoint), "--prompt", "Hello, who are you?", *extra]
+        tp = subprocess.run(_cli(*args, "--tp", "2", "--nproc", "2"), capture_output=True, text=True,
+                            timeout=300, env=CHILD_ENV)
+        assert tp.returncode == 0, tp.stderr[-2000:]
+        ref = one_shot if extra[1] == "0" else subprocess.run(_cli(*args), capture_output=True, text=True,
+                                                              timeout=300, env=CHILD_ENV).stdout
+        assert tp.stdout == ref
+
+
 class Pty:
     """A child process on a pseudo-terminal, read with timeouts (stdlib only)."""
 

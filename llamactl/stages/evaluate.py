@@ -52,17 +52,9 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir as given, or the newest complete one of a run dir (or of its `latest` file)."""
     from llamactl import checkpoint
 
-    if path.name == "latest" and path.is_file():
-        path = path.parent
-    if path.is_dir() and not (path / "llamactl.json").is_file() and not (path / "config.json").is_file():
-        found = checkpoint.latest(path)
-        if found is None:
-            raise LlamactlError(f"no complete checkpoint in run dir ({path}, --model)")
-        return found
-    return path
+    return checkpoint.resolve(path)
 
 
 def run_eval(model_dir: Path, data_dir: Path, *, split: str = "val", seq_len: int | None = None,
