@@ -239,13 +239,26 @@ def generate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL (default: stdout)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences decoded together."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree: each process holds 1/tp of the weights."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to launch on this node (torchrun); must equal --tp."),
 ):
     """Sample continuations: JSONL with text, token ids, per-token log-probs and finish reason."""
     from llamactl.generation import run_generate
 
+    ctx = _tensor_parallel_ranks(tp, nproc, "generate")
     run_generate(model, prompt=prompt, prompts_file=prompts, raw=raw, system=system, num_samples=num_samples,
                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, out=out,
-                 batch_size=batch_size, device=device)
+                 batch_size=batch_size, device=device, ctx=ctx)
+
+
+def _tensor_parallel_ranks(tp: int, nproc: int, what: str):
+    """Relaunch under torchrun for --nproc > 1, then this rank's tensor-parallel context (generation has no pp/dp)."""
+    from llamactl.parallel.launch import LaunchConfig, init_distributed, maybe_relaunch
+
+    if nproc > 1 and nproc != tp:
+        raise LlamactlError(f"{what} runs tensor parallel only: --nproc {nproc} must equal --tp {tp}")
+    maybe_relaunch(tp, 1, LaunchConfig(nproc=nproc))
+    return init_distributed(tp, 1)
 
 
 @app.command("chat")
@@ -263,12 +276,8 @@ def chat_cmd(
 ):
     """Chat in the terminal (streams tokens; /system, /reset, /save FILE, /exit; Ctrl-C stops an answer)."""
     from llamactl.chat import ChatSettings, run_chat
-    from llamactl.parallel.launch import LaunchConfig, init_distributed, maybe_relaunch
 
-    if nproc > 1 and nproc != tp:
-        raise LlamactlError(f"chat runs tensor parallel only: --nproc {nproc} must equal --tp {tp}")
-    maybe_relaunch(tp, 1, LaunchConfig(nproc=nproc))
-    ctx = init_distributed(tp, 1)
+    ctx = _tensor_parallel_ranks(tp, nproc, "chat")
     run_chat(model, ChatSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                                  system=system), prompt=prompt, device=device, ctx=ctx)
 

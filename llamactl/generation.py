@@ -368,8 +368,10 @@ def encode_prompt(tok, rec: dict, *, raw: bool, system: str | None, where: str =
 
 def run_generate(model_dir, *, prompt: str | None, prompts_file, raw: bool, system: str | None, num_samples: int,
                  temperature: float, top_p: float, max_new_tokens: int, seed: int, out, batch_size: int,
-                 device: str = "auto") -> list[dict]:
-    """`llamactl generate`: K samples per prompt as JSONL records (to `out`, or stdout)."""
+                 device: str = "auto", ctx: ParallelContext | None = None) -> list[dict]:
+    """`llamactl generate`: K samples per prompt as JSONL records (to `out`, or stdout).
+
+    Under tensor parallelism every rank decodes the same tokens from its weight slices; rank 0 writes."""
     import json
     import sys
     import time
@@ -382,12 +384,13 @@ def run_generate(model_dir, *, prompt: str | None, prompts_file, raw: bool, syst
     if temperature < 0:
         raise LlamactlError(f"--temperature must be >= 0, got {temperature}")
     recs = read_prompts(prompts_file, prompt)
-    model, tok = load_for_generation(model_dir, device)
+    model, tok = load_for_generation(model_dir, device, ctx)
+    main_rank = ctx is None or ctx.rank == 0
     where = lambda i: f" (prompt {i + 1} of {prompts_file})" if prompts_file else " (--prompt)"  # noqa: E731
     ids = [encode_prompt(tok, r, raw=raw, system=system, where=where(i)) for i, r in enumerate(recs)]
     flat = [p for p in ids for _ in range(num_samples)]
     t0 = time.perf_counter()
-    with progress_bar() as bar:
+    with progress_bar(disable=not main_rank) as bar:
         task = bar.add_task("generate", total=len(flat))
         samples = generate(model, flat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            seed=seed, eos_id=tok.eos_id, batch_size=batch_size,
@@ -403,6 +406,8 @@ def run_generate(model_dir, *, prompt: str | None, prompts_file, raw: bool, syst
         if "id" in recs[i]:
             rec["id"] = recs[i]["id"]
         rows.append(rec)
+    if not main_rank:
+        return rows
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is None:
         sys.stdout.write(lines)
