@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 
 # ---- text and tokenizer (tokenizer owner) -----------------------------------------------------------
@@ -36,3 +37,12 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
 
     model = build_model(preset("tiny"), seed=0)
     return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "tiny", model, tokenizer=tiny_tokenizer, stage="test")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from more threads, and on a shared machine each parallel region can stall."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

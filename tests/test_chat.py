@@ -24,12 +24,8 @@ from llamactl.tokenizer import Tokenizer, encode_dialog
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from more threads, and on a shared machine each parallel region can stall."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ bit-identically.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from llamactl import checkpoint as C
 from llamactl.convert import convert, export, half_to_interleaved, interleaved_to_half
 from llamactl.errors import LlamactlError
 from llamactl.model import build_model
+from reference_llama import llama_forward, rope_interleaved
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,33 +118,9 @@ def test_reward_head_is_a_sequence_classifier(tmp_path, tiny_tokenizer):
 
 def _meta_forward(sd: dict, params: dict, tokens: torch.Tensor) -> torch.Tensor:
     """Llama 2 as Meta's reference computes it: complex-number RoPE on interleaved pairs."""
-    dim, nh, nkv, eps = params["dim"], params["n_heads"], params["n_kv_heads"], params["norm_eps"]
-    hd, (b, t) = dim // nh, tokens.shape
-    freqs = 1.0 / (params["rope_theta"] ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-    cis = torch.polar(torch.ones(t, hd // 2), torch.outer(torch.arange(t).float(), freqs))
-
-    def rope(x):
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * cis[None, :, None]).flatten(3)
-
-    def norm(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-    h = sd["tok_embeddings.weight"][tokens]
-    mask = torch.full((t, t), float("-inf")).triu(1)
-    for i in range(params["n_layers"]):
-        p = f"layers.{i}."
-        x = norm(h, sd[p + "attention_norm.weight"])
-        q = rope((x @ sd[p + "attention.wq.weight"].T).view(b, t, nh, hd)).transpose(1, 2)
-        k = rope((x @ sd[p + "attention.wk.weight"].T).view(b, t, nkv, hd)).transpose(1, 2)
-        v = (x @ sd[p + "attention.wv.weight"].T).view(b, t, nkv, hd).transpose(1, 2)
-        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1)
-        h = h + (att @ v).transpose(1, 2).reshape(b, t, -1) @ sd[p + "attention.wo.weight"].T
-        x = norm(h, sd[p + "ffn_norm.weight"])
-        h = h + (torch.nn.functional.silu(x @ sd[p + "feed_forward.w1.weight"].T)
-                 * (x @ sd[p + "feed_forward.w3.weight"].T)) @ sd[p + "feed_forward.w2.weight"].T
-    return norm(h, sd["norm.weight"]) @ sd["output.weight"].T
+    rope = rope_interleaved(params["dim"] // params["n_heads"], tokens.shape[1], params["rope_theta"])
+    return llama_forward(sd, tokens, n_layers=params["n_layers"], n_heads=params["n_heads"],
+                         n_kv_heads=params["n_kv_heads"], eps=params["norm_eps"], rope=rope)
 
 
 def test_meta_round_trip_mp2(hf_dir, converted, tmp_path):

@@ -1,46 +1,17 @@
 """The model against a from-scratch single-function reference, and its incremental-decoding paths."""
-import math
-
 import torch
-import torch.nn.functional as F
 
 from llamactl.config import ModelConfig, preset
 from llamactl.model import build_model, last_token
+from reference_llama import llama_forward, rope_half
 
 torch.manual_seed(0)
 
 
 def reference_forward(sd: dict, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
-    """Llama 2 written out plainly: explicit softmax, repeat_interleave for GQA, rotate-half RoPE."""
-    b, t = tokens.shape
-    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.kv_heads
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
-
-    def rope(x):  # (b, t, h, hd)
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-        rot = torch.cat([-x2, x1], -1)
-        return x * cos[None, :, None] + rot * sin[None, :, None]
-
-    def norm(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
-
-    h = sd["tok_embeddings.weight"][tokens]
-    causal = torch.full((t, t), float("-inf")).triu(1)
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        x = norm(h, sd[p + "attention_norm.weight"])
-        q = rope((x @ sd[p + "attention.wq.weight"].T).view(b, t, nh, hd)).transpose(1, 2)
-        k = rope((x @ sd[p + "attention.wk.weight"].T).view(b, t, nkv, hd)).transpose(1, 2)
-        v = (x @ sd[p + "attention.wv.weight"].T).view(b, t, nkv, hd).transpose(1, 2)
-        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + causal, -1)
-        h = h + (att @ v).transpose(1, 2).reshape(b, t, -1) @ sd[p + "attention.wo.weight"].T
-        x = norm(h, sd[p + "ffn_norm.weight"])
-        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
-        h = h + ff @ sd[p + "feed_forward.w2.weight"].T
-    return norm(h, sd["norm.weight"]) @ sd["output.weight"].T
+    rope = rope_half(cfg.head_dim, tokens.shape[1], cfg.rope_theta)
+    return llama_forward(sd, tokens, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads,
+                         eps=cfg.norm_eps, rope=rope)
 
 
 def odd_config():
