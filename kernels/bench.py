@@ -42,15 +42,16 @@ class Result:
 
 def tune_malloc() -> bool:
     """Keep freed memory in the heap (glibc): without it every large output is fresh mmap'd memory whose
-    page faults cost several times the data movement on this VM (64 MiB: ~110 ms of faults vs ~20 ms of
-    copy), for every implementation alike. Same effect as jemalloc/tcmalloc; returns False if not glibc."""
+    page faults cost several times the data movement on this VM (64 MiB: ~25 ms of faults vs ~5 ms of
+    copy), for every implementation alike. Same effect as jemalloc/tcmalloc; returns False if not glibc.
+    (mallopt takes a C int: no mmap at all, and a trim threshold of INT_MAX.)"""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
 
@@ -75,7 +76,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * MB, reps: int = 9) 
 
 
 def _time_alternating(fns: dict[str, Callable[[], object]], device, reps: int, nbytes: int,
-                      warmup: int = 2) -> dict[str, float]:
+                      warmup: int = 3) -> dict[str, float]:
     """Median ms of each fn, timed in turn; "copy" (dst.copy_(src) moving nbytes in all) runs alongside."""
     src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)

@@ -42,6 +42,9 @@ ISA_FLAGS = {  # name -> compiler flags of that copy of kernels_isa.cpp
     "AVX512": ["-DCPU_CAPABILITY=AVX512"] + (["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                                               "-mavx512dq", "-mfma", "-mavx2", "-mf16c"] if _X86 else []),
 }
+# at::parallel_for is an inline `#pragma omp parallel`: a binding compiled without -fopenmp runs every
+# kernel on one thread. The library it links (libgomp.so.1) is the copy torch already loaded.
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 _LOADED: dict[str, Path] = {}  # kind -> library loaded into this process (a library loads once)
@@ -89,7 +92,7 @@ def build_key(kind: str) -> str:
     for p in _sources(kind):
         h.update(p.name.encode())
         h.update(p.read_bytes())
-    h.update(repr((COMMON_CFLAGS, ISA_FLAGS, cxx(), sys.version_info[:2])).encode())
+    h.update(repr((COMMON_CFLAGS, OPENMP_FLAGS, ISA_FLAGS, cxx(), sys.version_info[:2])).encode())
     if kind == "cpu":
         tag = host_isa()
     else:
@@ -220,12 +223,13 @@ def _build(kind: str, tmp: Path, log: Path) -> None:
     if kind == "cpu":
         objs = _isa_objects(tmp, log)
         kw = dict(name=CPU_NAME, sources=[str(CSRC / "cpu" / "ops.cpp")],
-                  extra_cflags=COMMON_CFLAGS, extra_ldflags=[str(o) for o in objs],
+                  extra_cflags=COMMON_CFLAGS + OPENMP_FLAGS, extra_ldflags=[str(o) for o in objs] + OPENMP_FLAGS,
                   extra_include_paths=[str(CSRC / "cpu")], with_cuda=False)
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cuda_arch_list())
         srcs = [str(p) for p in _sources("cuda") if p.suffix in (".cpp", ".cu")]
-        kw = dict(name=CUDA_NAME, sources=srcs, extra_cflags=COMMON_CFLAGS,
+        kw = dict(name=CUDA_NAME, sources=srcs, extra_cflags=COMMON_CFLAGS + OPENMP_FLAGS,
+                  extra_ldflags=OPENMP_FLAGS,
                   extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC / "cuda")],
                   with_cuda=True)
     try:

@@ -273,6 +273,59 @@ def test_baseline_isa_copy_matches(fused_cpu):
     assert "ISA DEFAULT" in r.stdout and "BACKEND cpu (DEFAULT)" in r.stdout
 
 
+def test_kernels_run_on_all_threads(fused_cpu):
+    """at::parallel_for in the binding really spreads work (a binding built without OpenMP runs serial)."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.llamactl_cpu.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.llamactl_cpu.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+STREAMED = """
+    import sys, torch, llamactl.kernels as K
+    from llamactl.kernels import reference as R
+    torch.manual_seed(0)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        for n in (64, 37, 4096):
+            x, w, dy = torch.randn(9, n).to(dt), torch.randn(n).to(dt), torch.randn(9, n).to(dt)
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = K.rms_norm(xg, wg)
+            dx, dw = torch.autograd.grad(y, (xg, wg), dy)
+            out[f"rms{n}{dt}"] = (y.detach(), dx, dw)
+        for D in (128, 18):
+            q, k = torch.randn(2, 5, 3, D).to(dt), torch.randn(2, 5, 1, D).to(dt)
+            cos, sin = R.rope_tables(D, 5)
+            qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+            qo, ko = K.apply_rope(qg, kg, cos, sin)
+            dq, dk = torch.autograd.grad((qo, ko), (qg, kg), (torch.ones_like(qo), torch.ones_like(ko)))
+            out[f"rope{D}{dt}"] = (qo.detach(), ko.detach(), dq, dk)
+    torch.save(out, sys.argv[1])
+"""
+
+
+def test_streamed_outputs_are_bit_identical(fused_cpu, tmp_path):
+    """Non-temporal stores (LLAMACTL_CPU_STREAM_BYTES=0 streams every output; aligned and unaligned rows,
+    tails) write exactly the bits that normal stores write."""
+    files = {}
+    for tag, limit in (("stream", "0"), ("plain", "-1")):
+        files[tag] = tmp_path / f"{tag}.pt"
+        e = dict(os.environ, LLAMACTL_CPU_STREAM_BYTES=limit)
+        e.pop("LLAMACTL_KERNELS", None)
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(STREAMED), str(files[tag])], capture_output=True,
+                           text=True, env=e, timeout=300)
+        assert r.returncode == 0, r.stderr
+    a, b = torch.load(files["stream"]), torch.load(files["plain"])
+    assert a.keys() == b.keys() and len(a) == 10
+    for key in a:
+        for u, v in zip(a[key], b[key]):
+            assert torch.equal(u, v), key
+
+
 def test_tiny_model_same_with_fused_and_reference(fused_cpu, monkeypatch):
     from llamactl.config import preset
     from llamactl.model import build_model

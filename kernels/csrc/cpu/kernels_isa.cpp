@@ -46,6 +46,27 @@ struct Plain {
     a.store(p);
     b.store(p + W);
   }
+  static inline void stream(A* p, const V& a, const V& b) {  // p aligned to the vector width
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<A, float>) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + W, b);
+    } else {
+      _mm512_stream_pd(p, a);
+      _mm512_stream_pd(p + W, b);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<A, float>) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + W, b);
+    } else {
+      _mm256_stream_pd(p, a);
+      _mm256_stream_pd(p + W, b);
+    }
+#else
+    store(p, a, b);
+#endif
+  }
   static inline void store(A* p, int64_t c, const V& a, const V& b) {
     if (c > W) {
       a.store(p);
@@ -77,6 +98,15 @@ struct Io<BFloat16> {
   }
   static inline void store(BFloat16* p, int64_t c, const V& a, const V& b) {
     at::vec::convert_from_float<BFloat16>(a, b).store(p, c);
+  }
+  static inline void stream(BFloat16* p, const V& a, const V& b) {  // p aligned to the vector width
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<BFloat16>(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<BFloat16>(a, b));
+#else
+    store(p, a, b);
+#endif
   }
 };
 
@@ -139,6 +169,24 @@ inline void store_any(T* p, int64_t c, const Vectorized<acc_t<T>>& a, const Vect
   if (c == Io<T>::N) Io<T>::store(p, a, b); else Io<T>::store(p, c, a, b);
 }
 
+// A row is streamed only when its start is aligned to the vector width (then every full block is);
+// the tail block of a row is always a normal store.
+template <typename T>
+inline bool can_stream(const T* row) {
+  return reinterpret_cast<uintptr_t>(row) % sizeof(Vectorized<acc_t<T>>) == 0;
+}
+
+template <typename T>
+inline void store_out(T* p, int64_t c, bool nt, const Vectorized<acc_t<T>>& a, const Vectorized<acc_t<T>>& b) {
+  if (nt && c == Io<T>::N) Io<T>::stream(p, a, b); else store_any<T>(p, c, a, b);
+}
+
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();  // streamed lines become visible before the op returns
+#endif
+}
+
 template <typename T>
 const acc_t<T>* stage_weight(const T* w, acc_t<T>* buf, int64_t n) {
   if constexpr (kStaged<T>) {
@@ -157,38 +205,50 @@ const acc_t<T>* stage_weight(const T* w, acc_t<T>* buf, int64_t n) {
 
 template <typename T>
 void rms_fwd_t(const T* x, const T* w, T* y, acc_t<T>* rstd, int64_t r0, int64_t r1, int64_t n,
-               double eps) {
+               double eps, bool stream) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t N = Io<T>::N;
   Scratch<T> scratch(2 * n);
   const A* wa_ = stage_weight<T>(w, scratch.p, n);
   A* xs = kStaged<T> ? scratch.p + n : nullptr;
-  V a, b, wa, wb;
+  V a, b, a2, b2, wa, wb;
   for (int64_t row = r0; row < r1; ++row) {
     const T* xr = x + row * n;
     T* yr = y + row * n;
-    V s0(A(0)), s1(A(0));
-    for (int64_t i = 0; i < n; i += N) {
+    V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));  // four chains: the loop is not FMA-latency bound
+    int64_t i = 0;
+    for (; i + 2 * N <= n; i += 2 * N) {
+      Io<T>::load(xr + i, a, b);
+      Io<T>::load(xr + i + N, a2, b2);
+      s0 = at::vec::fmadd(a, a, s0);
+      s1 = at::vec::fmadd(b, b, s1);
+      s2 = at::vec::fmadd(a2, a2, s2);
+      s3 = at::vec::fmadd(b2, b2, s3);
+      if constexpr (kStaged<T>) {
+        Plain<A>::store(xs + i, a, b);
+        Plain<A>::store(xs + i + N, a2, b2);
+      }
+    }
+    for (; i < n; i += N) {
       const int64_t c = std::min<int64_t>(N, n - i);
       load_any<T>(xr + i, c, a, b);
       s0 = at::vec::fmadd(a, a, s0);
       s1 = at::vec::fmadd(b, b, s1);
       if constexpr (kStaged<T>) store_any<A>(xs + i, c, a, b);
     }
-    const A ms = hsum<A>(s0 + s1) / A(n);
+    const A ms = hsum<A>((s0 + s1) + (s2 + s3)) / A(n);
     const A r = A(1) / std::sqrt(ms + A(eps));
     rstd[row] = r;
     const V vr(r);
-    const A* xsrc;
-    if constexpr (kStaged<T>) xsrc = xs; else xsrc = xr;
     // While this row's output is written from cache, pull the next row in from memory: keeps the
     // read stream busy (prefetching past the last row of the chunk is harmless).
     const char* next = reinterpret_cast<const char*>(xr + n);
-    for (int64_t i = 0; i < n; i += N) {
+    const bool nt = stream && can_stream(yr);
+    for (i = 0; i < n; i += N) {
       const int64_t c = std::min<int64_t>(N, n - i);
       __builtin_prefetch(next + i * sizeof(T), 0, 3);
-      load_any<A>(xsrc + i, c, a, b);
+      if constexpr (kStaged<T>) load_any<A>(xs + i, c, a, b); else load_any<T>(xr + i, c, a, b);
       load_any<A>(wa_ + i, c, wa, wb);
       a = a * vr;
       b = b * vr;
@@ -196,15 +256,16 @@ void rms_fwd_t(const T* x, const T* w, T* y, acc_t<T>* rstd, int64_t r0, int64_t
         a = round_bf16(a);
         b = round_bf16(b);
       }
-      store_any<T>(yr + i, c, a * wa, b * wb);
+      store_out<T>(yr + i, c, nt, a * wa, b * wb);
     }
   }
+  stream_fence(stream);
 }
 
 // dx = r*g - x * r^3 * sum(g*x)/n with g = dy*w;  dw_part += dy * x * r.
 template <typename T>
 void rms_bwd_t(const T* dy, const T* x, const T* w, const acc_t<T>* rstd, T* dx, acc_t<T>* part,
-               int64_t r0, int64_t r1, int64_t n) {
+               int64_t r0, int64_t r1, int64_t n, bool stream) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t N = Io<T>::N;
@@ -246,6 +307,7 @@ void rms_bwd_t(const T* dy, const T* x, const T* w, const acc_t<T>* rstd, T* dx,
     }
     const char* next_x = reinterpret_cast<const char*>(xr + n);
     const char* next_dy = reinterpret_cast<const char*>(dyr + n);
+    const bool nt = stream && can_stream(dxr);
     for (int64_t i = 0; i < n; i += N) {
       const int64_t c = std::min<int64_t>(N, n - i);
       __builtin_prefetch(next_x + i * sizeof(T), 0, 3);
@@ -253,11 +315,12 @@ void rms_bwd_t(const T* dy, const T* x, const T* w, const acc_t<T>* rstd, T* dx,
       load_any<A>(gsrc + i, c, ga, gb);
       load_any<A>(xsrc + i, c, a, b);
       load_any<A>(wsrc + i, c, wa, wb);
-      store_any<T>(dxr + i, c, ga * wa * vr - a * vc, gb * wb * vr - b * vc);
+      store_out<T>(dxr + i, c, nt, ga * wa * vr - a * vc, gb * wb * vr - b * vc);
       load_any<A>(part + i, c, pa, pb);
       store_any<A>(part + i, c, at::vec::fmadd(ga, a * vr, pa), at::vec::fmadd(gb, b * vr, pb));
     }
   }
+  stream_fence(stream);
 }
 
 template <typename T>
@@ -292,7 +355,7 @@ void reduce_parts_t(const acc_t<T>* part, int64_t nparts, int64_t n, int64_t c0,
 // out1 = x1*c - x2*s, out2 = x2*c + x1*s (s negated for the inverse), in fp32 (fp64 for fp64).
 template <typename T>
 void rope_t(const T* x, T* out, const float* cos, const float* sin, int64_t r0, int64_t r1, int64_t T_,
-            int64_t H, int64_t D, int64_t cs_b, int64_t cs_t, int64_t ss_b, int64_t ss_t, bool inverse) {
+            int64_t H, int64_t D, int64_t cs_b, int64_t cs_t, int64_t ss_b, int64_t ss_t, bool inverse, bool stream) {
   using A = acc_t<T>;
   using IO = Io<T>;
   using PIO = Plain<A>;
@@ -328,6 +391,7 @@ void rope_t(const T* x, T* out, const float* cos, const float* sin, int64_t r0, 
     for (int64_t h = 0; h < H; ++h) {
       const T* xr = x + (row * H + h) * D;
       T* orow = out + (row * H + h) * D;
+      const bool nt = stream && can_stream(orow) && can_stream(orow + half);
       int64_t i = 0;
       for (; i + N <= half; i += N) {
         load_cs(i, N);
@@ -337,8 +401,8 @@ void rope_t(const T* x, T* out, const float* cos, const float* sin, int64_t r0, 
         }
         IO::load(xr + i, a1, b1);         // first half
         IO::load(xr + half + i, a2, b2);  // second half
-        IO::store(orow + i, a1 * c0 - a2 * s0, b1 * c1 - b2 * s1);
-        IO::store(orow + half + i, a2 * c0 + a1 * s0, b2 * c1 + b1 * s1);
+        store_out<T>(orow + i, N, nt, a1 * c0 - a2 * s0, b1 * c1 - b2 * s1);
+        store_out<T>(orow + half + i, N, nt, a2 * c0 + a1 * s0, b2 * c1 + b1 * s1);
       }
       if (i < half) {
         const int64_t c = half - i;
@@ -354,33 +418,34 @@ void rope_t(const T* x, T* out, const float* cos, const float* sin, int64_t r0, 
       }
     }
   }
+  stream_fence(stream);
 }
 
 void rms_fwd(int dt, const void* x, const void* w, void* y, void* rstd, int64_t r0, int64_t r1, int64_t n,
-             double eps) {
+             double eps, bool stream) {
   switch (dt) {
     case kF32:
-      return rms_fwd_t<float>((const float*)x, (const float*)w, (float*)y, (float*)rstd, r0, r1, n, eps);
+      return rms_fwd_t<float>((const float*)x, (const float*)w, (float*)y, (float*)rstd, r0, r1, n, eps, stream);
     case kBF16:
       return rms_fwd_t<BFloat16>((const BFloat16*)x, (const BFloat16*)w, (BFloat16*)y, (float*)rstd, r0, r1,
-                                 n, eps);
+                                 n, eps, stream);
     default:
-      return rms_fwd_t<double>((const double*)x, (const double*)w, (double*)y, (double*)rstd, r0, r1, n, eps);
+      return rms_fwd_t<double>((const double*)x, (const double*)w, (double*)y, (double*)rstd, r0, r1, n, eps, stream);
   }
 }
 
 void rms_bwd(int dt, const void* dy, const void* x, const void* w, const void* rstd, void* dx, void* part,
-             int64_t r0, int64_t r1, int64_t n) {
+             int64_t r0, int64_t r1, int64_t n, bool stream) {
   switch (dt) {
     case kF32:
       return rms_bwd_t<float>((const float*)dy, (const float*)x, (const float*)w, (const float*)rstd,
-                              (float*)dx, (float*)part, r0, r1, n);
+                              (float*)dx, (float*)part, r0, r1, n, stream);
     case kBF16:
       return rms_bwd_t<BFloat16>((const BFloat16*)dy, (const BFloat16*)x, (const BFloat16*)w,
-                                 (const float*)rstd, (BFloat16*)dx, (float*)part, r0, r1, n);
+                                 (const float*)rstd, (BFloat16*)dx, (float*)part, r0, r1, n, stream);
     default:
       return rms_bwd_t<double>((const double*)dy, (const double*)x, (const double*)w, (const double*)rstd,
-                               (double*)dx, (double*)part, r0, r1, n);
+                               (double*)dx, (double*)part, r0, r1, n, stream);
   }
 }
 
@@ -397,17 +462,17 @@ void reduce_parts(int dt, const void* part, int64_t nparts, int64_t n, int64_t c
 
 void rope(int dt, const void* x, void* out, const float* cos, const float* sin, int64_t r0, int64_t r1,
           int64_t T_, int64_t H, int64_t D, int64_t cs_b, int64_t cs_t, int64_t ss_b, int64_t ss_t,
-          bool inverse) {
+          bool inverse, bool stream) {
   switch (dt) {
     case kF32:
       return rope_t<float>((const float*)x, (float*)out, cos, sin, r0, r1, T_, H, D, cs_b, cs_t, ss_b, ss_t,
-                           inverse);
+                           inverse, stream);
     case kBF16:
       return rope_t<BFloat16>((const BFloat16*)x, (BFloat16*)out, cos, sin, r0, r1, T_, H, D, cs_b, cs_t,
-                              ss_b, ss_t, inverse);
+                              ss_b, ss_t, inverse, stream);
     default:
       return rope_t<double>((const double*)x, (double*)out, cos, sin, r0, r1, T_, H, D, cs_b, cs_t, ss_b,
-                            ss_t, inverse);
+                            ss_t, inverse, stream);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -49,6 +50,19 @@ at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   }
 #endif
   return t;
+}
+
+// Outputs of at least this many bytes are written with non-temporal stores: they cannot stay in the
+// caches until their reader runs anyway, and streaming skips the read of every destination line that a
+// normal store does first (a third of the memory traffic of a copy). Smaller outputs, such as the
+// activations of a training step of a small model, stay in cache for the next op.
+// LLAMACTL_CPU_STREAM_BYTES overrides the 16 MiB default (0 streams everything, -1 nothing).
+bool streamed(size_t out_bytes) {
+  static const int64_t limit = [] {
+    const char* v = std::getenv("LLAMACTL_CPU_STREAM_BYTES");
+    return v && *v ? std::strtoll(v, nullptr, 10) : int64_t(16) << 20;
+  }();
+  return limit >= 0 && int64_t(out_bytes) >= limit;
 }
 
 int rank_of(const char* s) {
@@ -108,8 +122,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::T
   const KernelTable* k = table();
   const void *xp = xc.data_ptr(), *wp = wc.data_ptr();
   void *yp = y.data_ptr(), *rp = rstd.data_ptr();
+  const bool nt = streamed(y.nbytes());
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t b, int64_t e) {
-    k->rms_fwd(dt, xp, wp, yp, rp, b, e, n, eps);
+    k->rms_fwd(dt, xp, wp, yp, rp, b, e, n, eps, nt);
   });
   return {y, rstd};
 }
@@ -138,9 +153,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const void *dyp = dyc.data_ptr(), *xp = xc.data_ptr(), *wp = wc.data_ptr(), *rp = rc.data_ptr();
   void *dxp = dx.data_ptr(), *pp = part.data_ptr(), *dwp = dw.data_ptr();
   const int64_t esz = part.element_size();
+  const bool nt = streamed(dx.nbytes());
   at::parallel_for(0, nparts, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
-      k->rms_bwd(dt, dyp, xp, wp, rp, dxp, (char*)pp + c * n * esz, c * cs, std::min(rows, (c + 1) * cs), n);
+      k->rms_bwd(dt, dyp, xp, wp, rp, dxp, (char*)pp + c * n * esz, c * cs, std::min(rows, (c + 1) * cs), n, nt);
     }
   });
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) { k->reduce_parts(dt, pp, nparts, n, b, e, dwp); });
@@ -165,9 +181,9 @@ at::Tensor table_view(const at::Tensor& t, int64_t B, int64_t T, int64_t half, i
 }
 
 void rope_one(const KernelTable* k, const at::Tensor& x, at::Tensor& out, const float* c, const float* s, int64_t b,
-              int64_t e, int64_t T, int64_t cs_b, int64_t cs_t, int64_t ss_b, int64_t ss_t, bool inverse) {
+              int64_t e, int64_t T, int64_t cs_b, int64_t cs_t, int64_t ss_b, int64_t ss_t, bool inverse, bool nt) {
   k->rope(dtype_code(x), x.data_ptr(), out.data_ptr(), c, s, b, e, T, x.size(2), x.size(3), cs_b, cs_t, ss_b, ss_t,
-          inverse);
+          inverse, nt);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
@@ -192,19 +208,34 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
   const float* cp = c.data_ptr<float>();
   const float* sp = s.data_ptr<float>();
   const int64_t per_row = (q.size(2) + k.size(2)) * D;
+  const bool nt = streamed(qo.nbytes() + ko.nbytes());
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)), [&](int64_t b, int64_t e) {
-    if (qc.numel()) rope_one(kt, qc, qo, cp, sp, b, e, T, cs_b, cs_t, ss_b, ss_t, inverse);
-    if (kc.numel()) rope_one(kt, kc, ko, cp, sp, b, e, T, cs_b, cs_t, ss_b, ss_t, inverse);
+    if (qc.numel()) rope_one(kt, qc, qo, cp, sp, b, e, T, cs_b, cs_t, ss_b, ss_t, inverse, nt);
+    if (kc.numel()) rope_one(kt, kc, ko, cp, sp, b, e, T, cs_b, cs_t, ss_b, ss_t, inverse, nt);
   });
   return {qo, ko};
 }
 
 std::string isa() { return table()->isa; }
 
+// How many threads one at::parallel_for in this library really uses: 1 if the binding was compiled
+// without OpenMP (then every kernel silently runs on one core). A test checks it against
+// torch.get_num_threads().
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    seen |= uint64_t(1) << (at::get_thread_num() % 64);
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 }  // namespace llamactl_cpu
 
-TORCH_LIBRARY(llamactl_cpu, m) { m.def("isa() -> str", &llamactl_cpu::isa); }
+TORCH_LIBRARY(llamactl_cpu, m) {
+  m.def("isa() -> str", &llamactl_cpu::isa);
+  m.def("parallel_threads() -> int", &llamactl_cpu::parallel_threads);
+}
 
 TORCH_LIBRARY_IMPL(llamactl, CPU, m) {
   m.impl("rms_norm_fwd", &llamactl_cpu::rms_norm_fwd);
