@@ -102,11 +102,12 @@ def make_adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
 
 # ---- losses -----------------------------------------------------------------------------------------
 def lm_loss(model: nn.Module, batch, ctx) -> torch.Tensor:
-    """Summed next-token cross-entropy over unmasked targets (vocab-parallel: works at any tp)."""
-    from llamactl.parallel.tensor import vocab_parallel_cross_entropy
+    """Summed next-token cross-entropy over unmasked targets (vocab-parallel: works at any tp), with the
+    lm head fused into the loss so the full logits are never materialised."""
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
 
-    logits = model(batch.tokens)
-    return vocab_parallel_cross_entropy(logits, batch.targets, ctx, reduction="sum")
+    hidden = model(batch.tokens, return_hidden=True)
+    return lm_head_cross_entropy(hidden, model.output, batch.targets, ctx, reduction="sum")
 
 
 # ---- hooks for parallelism --------------------------------------------------------------------------

@@ -127,13 +127,14 @@ def pipeline_step(model: torch.nn.Module, micro_batches: list, ctx: ParallelCont
     extras: dict[str, torch.Tensor] = {}
     pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (stage input, stage output or loss)
     fwd = bwd = 0  # index of the next micro-batch to run forward / backward
+    hidden = getattr(loss_fn, "needs_hidden", False)  # the loss applies the head itself (fused head loss)
 
     def forward(x: torch.Tensor | None) -> torch.Tensor:
         nonlocal total, fwd
         b = micro_batches[fwd]
         fwd += 1
         with autocast():
-            out = model(inputs(b) if x is None else x)
+            out = model(inputs(b) if x is None else x, return_hidden=hidden)
             if not ctx.is_last_stage:
                 return out
             res = loss_fn(out, b)
@@ -186,10 +187,11 @@ def forward_only(model: torch.nn.Module, micro_batches: list, ctx: ParallelConte
     p2p = _P2P(ctx, p0.dtype, p0.device)
     total = torch.zeros((), dtype=torch.float64, device=p0.device)
     extras: dict[str, torch.Tensor] = {}
+    hidden = getattr(loss_fn, "needs_hidden", False)
     for b in micro_batches:
         x = p2p.recv_forward(tuple(inputs(b).shape[:2]) + (model.cfg.dim,))
         with autocast():
-            out = model(inputs(b) if x is None else x)
+            out = model(inputs(b) if x is None else x, return_hidden=hidden)
             if not ctx.is_last_stage:
                 p2p.send_forward(out)
                 continue
@@ -221,9 +223,21 @@ def _share_results(total: torch.Tensor, extras: dict[str, torch.Tensor], ctx: Pa
     return StepResult(vals[0], dict(zip(keys, vals[1:])))
 
 
-def lm_output_loss(ctx: ParallelContext, target: Callable[[Any], torch.Tensor] = lambda b: b.targets):
-    """loss_fn for language modelling: summed vocab-parallel cross-entropy of the stage output."""
+def lm_output_loss(ctx: ParallelContext, target: Callable[[Any], torch.Tensor] = lambda b: b.targets, *,
+                   head: torch.nn.Module | None = None):
+    """loss_fn for language modelling: summed vocab-parallel cross-entropy of the stage output.
+
+    With `head` (the last stage's lm head) the stage returns hidden states and the loss applies the head
+    block by block (lm_head_cross_entropy: no full logits); without it, the stage returns logits."""
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
     from llamactl.parallel.tensor import vocab_parallel_cross_entropy
+
+    if head is not None:
+        def fused(h: torch.Tensor, batch) -> torch.Tensor:
+            return lm_head_cross_entropy(h, head, target(batch), ctx, reduction="sum")
+
+        fused.needs_hidden = True
+        return fused
 
     def loss_fn(logits: torch.Tensor, batch) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, target(batch), ctx, reduction="sum")

@@ -203,6 +203,50 @@ class VocabParallelEmbedding(nn.Module):
 _CE_CHUNK_ELEMS = 1 << 21  # logits per chunk (8 MB fp32): max, exp, sum and scale stay in cache
 
 
+def softmax_xent_(src: torch.Tensor, dst: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor,
+                  group) -> torch.Tensor:
+    """Cross-entropy of rows of vocab-sharded fp32 logits `src` (n, V/tp); `dst` (may be `src`) receives
+    d loss / d logits = softmax - onehot(target). local_t (n, 1): target index within this shard (any
+    value where not in_range); in_range (n,): the target lies in this shard. Returns the per-row loss
+    log(sum exp) - logit[target] over the whole vocabulary. Rows are done a cache-sized block at a time;
+    over tp the max and the (picked logit, sum exp) pairs are all-reduced once each."""
+    n, n_local = src.shape
+    picked = torch.empty(n, dtype=torch.float32, device=src.device)
+    sum_exp = torch.empty(n, dtype=torch.float32, device=src.device)
+    rows = max(1, _CE_CHUNK_ELEMS // max(1, n_local))
+    lmax = None
+    if group is not None:
+        lmax = src.amax(dim=-1).float()
+        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        g, xs = dst[s:e], src[s:e]
+        m = xs.amax(dim=-1, keepdim=True).float() if lmax is None else lmax[s:e].unsqueeze(-1)
+        torch.sub(xs, m, out=g)
+        picked[s:e] = g.gather(-1, local_t[s:e]).squeeze(-1)
+        g.exp_()
+        torch.sum(g, dim=-1, out=sum_exp[s:e])
+        if group is None:
+            g.div_(sum_exp[s:e].unsqueeze(-1))
+    picked.masked_fill_(~in_range, 0.0)
+    if group is not None:
+        both = torch.stack([picked, sum_exp])
+        dist.all_reduce(both, group=group)
+        picked, sum_exp = both[0], both[1]
+        dst.div_(sum_exp.unsqueeze(-1))
+    dst.scatter_add_(-1, local_t, -in_range.to(dst.dtype).unsqueeze(-1))
+    return sum_exp.log() - picked
+
+
+def target_slots(target: torch.Tensor, vocab_start: int, n_local: int, ignore_index: int):
+    """(valid, in_range, local_t) for flat global target ids against the shard [vocab_start, +n_local)."""
+    t = target.reshape(-1)
+    valid = t != ignore_index
+    local_t = t - vocab_start
+    in_range = valid & (local_t >= 0) & (local_t < n_local)
+    return valid, in_range, local_t.masked_fill(~in_range, 0).unsqueeze(-1)
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """Cross-entropy over vocab-sharded logits without gathering them: max all-reduce, sum-exp all-reduce.
 
@@ -215,39 +259,9 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, vocab_start, group, ignore_index):
         n_local = logits.shape[-1]
         x = logits.reshape(-1, n_local)
-        t = target.reshape(-1)
-        valid = t != ignore_index
-        local_t = t - vocab_start
-        in_range = valid & (local_t >= 0) & (local_t < n_local)
-        local_t = local_t.masked_fill(~in_range, 0).unsqueeze(-1)
+        valid, in_range, local_t = target_slots(target, vocab_start, n_local, ignore_index)
         grad = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        n = x.shape[0]
-        picked = torch.empty(n, dtype=torch.float32, device=x.device)
-        sum_exp = torch.empty(n, dtype=torch.float32, device=x.device)
-        rows = max(1, _CE_CHUNK_ELEMS // max(1, n_local))
-        lmax = None
-        if group is not None:
-            lmax = x.amax(dim=-1).float()
-            dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            g = grad[s:e]
-            xs = x[s:e]
-            m = xs.amax(dim=-1, keepdim=True).float() if lmax is None else lmax[s:e].unsqueeze(-1)
-            torch.sub(xs, m, out=g)
-            picked[s:e] = g.gather(-1, local_t[s:e]).squeeze(-1)
-            g.exp_()
-            torch.sum(g, dim=-1, out=sum_exp[s:e])
-            if group is None:
-                g.div_(sum_exp[s:e].unsqueeze(-1))
-        picked.masked_fill_(~in_range, 0.0)
-        if group is not None:
-            both = torch.stack([picked, sum_exp])
-            dist.all_reduce(both, group=group)
-            picked, sum_exp = both[0], both[1]
-            grad.div_(sum_exp.unsqueeze(-1))
-        loss = (sum_exp.log() - picked).masked_fill(~valid, 0.0)
-        grad.scatter_add_(-1, local_t, -in_range.to(grad.dtype).unsqueeze(-1))
+        loss = softmax_xent_(x, grad, local_t, in_range, group).masked_fill(~valid, 0.0)
         ctx.save_for_backward(grad, valid)
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
         return loss.view(target.shape)

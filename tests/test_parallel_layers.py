@@ -125,6 +125,33 @@ def _cross_entropy(ctx, rnd, world):
                 assert bool((got[~valid] == 0).all()), "ignored positions must have zero loss"
 
 
+def _head_loss(ctx, rnd, world):
+    """Fused lm head + cross-entropy on a vocab-sharded head vs full logits on one device."""
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
+    from llamactl.parallel.tensor import ColumnParallelLinear
+
+    vocab, dim = 13 * world, 7
+    n = vocab // world
+    g = torch.Generator().manual_seed(13)
+    for reduction, block_rows in (("sum", 4), ("mean", None)):
+        w, h = rnd(vocab, dim), rnd(3, 5, dim)
+        target = torch.randint(0, vocab, (3, 5), generator=g)
+        target[0, 0], target[2, 3] = -100, -100
+        target[0, 1], target[0, 2] = 0, vocab - 1
+        hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = F.cross_entropy(F.linear(hr, wr).view(-1, vocab), target.view(-1), reduction=reduction)
+        (ref * 1.7).backward()
+        head = ColumnParallelLinear(dim, vocab, ctx)
+        with torch.no_grad():
+            head.weight.copy_(w.narrow(0, ctx.tp_rank * n, n))
+        hp = h.clone().requires_grad_()
+        got = lm_head_cross_entropy(hp, head, target, ctx, reduction=reduction, block_rows=block_rows)
+        _close(f"head CE {reduction}", got, ref)
+        (got * 1.7).backward()
+        _close(f"head CE {reduction} grad h", hp.grad, hr.grad)
+        _close(f"head CE {reduction} grad w", head.weight.grad, wr.grad.narrow(0, ctx.tp_rank * n, n))
+
+
 def _model_configs(world):
     """(n_heads, n_kv_heads) covering kv heads split over tp and replicated on query groups."""
     from llamactl.config import ModelConfig
@@ -193,6 +220,7 @@ def _all_checks(rank, world):
     _row(ctx, rnd, world)
     _embedding(ctx, rnd, world)
     _cross_entropy(ctx, rnd, world)
+    _head_loss(ctx, rnd, world)
     _transformer(ctx, world)
 
 
@@ -211,6 +239,7 @@ def test_single_process_layers_need_no_group():
     _row(ctx, lambda *s: torch.randn(*s, generator=gen), 1)
     _embedding(ctx, lambda *s: torch.randn(*s, generator=gen), 1)
     _cross_entropy(ctx, lambda *s: torch.randn(*s, generator=gen), 1)
+    _head_loss(ctx, lambda *s: torch.randn(*s, generator=gen), 1)
 
 
 def test_bad_layouts_are_one_line_errors():

@@ -118,7 +118,7 @@ def _layout(tp, pp, zero, micro, ref, root):
     ctx = ParallelContext.from_world(tp, pp)
     tag = f"tp{ctx.tp} pp{ctx.pp} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
     model = build_model(preset("tiny"), ctx, seed=0)
-    hooks = Hooks(**training_hooks(model, ctx, lm_output_loss(ctx), zero=zero, bucket_mb=0.05))
+    hooks = Hooks(**training_hooks(model, ctx, lm_output_loss(ctx, head=model.output), zero=zero, bucket_mb=0.05))
     assert len(hooks.reduce_grads.buckets) > 1 or ctx.dp == 1, "the test should exercise several buckets"
     losses, norms, opt = _train(model, ctx, hooks, micro, root / tag.replace(" ", "_"))
     for i, (a, b) in enumerate(zip(losses, ref_losses)):
@@ -198,14 +198,14 @@ def _variable_lengths(rank, world):
     want = pipeline_step(ref, mbs, single, lm_output_loss(single), denom)
     ctx = ParallelContext.from_world(1, 2)
     model = build_model(preset("tiny"), ctx, seed=3)
-    got = pipeline_step(model, mbs, ctx, lm_output_loss(ctx), denom)
+    got = pipeline_step(model, mbs, ctx, lm_output_loss(ctx, head=model.output), denom)  # fused head vs logits
     assert abs(got.loss - want.loss) <= LOSS_RTOL * want.loss, (got.loss, want.loss)
     ref_p = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         err = (p.grad - ref_p[name].grad).abs().max().item()
         assert err <= 1e-6, f"variable-length PP=2: grad of {name} differs by {err:.3g}"
     model.eval(), ref.eval()
-    summed = forward_only(model, mbs, ctx, lm_output_loss(ctx)).loss  # evaluation: forwards only
+    summed = forward_only(model, mbs, ctx, lm_output_loss(ctx, head=model.output)).loss  # evaluation: forwards only
     want_sum = forward_only(ref, mbs, single, lm_output_loss(single)).loss
     assert abs(summed - want_sum) <= LOSS_RTOL * want_sum and abs(want_sum / denom - want.loss) <= 1e-6 * want.loss
 

@@ -25,7 +25,7 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
                    show_progress: bool = False) -> EvalResult:
     """Score every non-overlapping window of `data` (a TokenData) in order, up to max_tokens targets."""
     from llamactl.data import Batch, eval_windows
-    from llamactl.parallel.tensor import vocab_parallel_cross_entropy
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
     from llamactl.ui import progress
 
     device = next(model.parameters()).device
@@ -42,8 +42,8 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
         for i in range(0, len(windows), batch_size):
             b = Batch.from_windows(np.stack(windows[i:i + batch_size])).to(device)
             with autocast:
-                logits = model(b.tokens)
-            total += float(vocab_parallel_cross_entropy(logits, b.targets, ctx, reduction="sum"))
+                hidden = model(b.tokens, return_hidden=True)
+                total += float(lm_head_cross_entropy(hidden, model.output, b.targets, ctx, reduction="sum"))
             count += b.num_valid
             bar.advance(task, min(batch_size, len(windows) - i))
     model.train(was_training)

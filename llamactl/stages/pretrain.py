@@ -179,7 +179,7 @@ def run(plan: Plan, *, resume: bool = False, show_progress: bool = True):
         from llamactl.trainer import Hooks
 
         amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if str(device).startswith("cuda") else None
-        hooks = Hooks(**training_hooks(model, ctx, lm_output_loss(ctx), autocast=amp))
+        hooks = Hooks(**training_hooks(model, ctx, lm_output_loss(ctx, head=model.output), autocast=amp))
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), tokenizer=Path(c.tokenizer), stage="pretrain",
                  resume=resume, hooks=hooks, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
                  config_sections={"pretrain": c, "model": plan.model, "parallel": plan.parallel},

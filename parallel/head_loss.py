@@ -1,0 +1,104 @@
+"""LM head + cross-entropy in one pass over blocks of tokens: the (tokens x vocab) logits never exist whole.
+
+For a 1024-token micro-batch and a 32k vocabulary the logits and their gradient are 131 MB each in
+fp32: written, read back and freed every step (on CPU each fresh allocation of that size is also
+page-faulted in). Here the forward takes the tokens a block at a time (about 32 MB of logits), turns
+the block's logits into d loss / d logits in place (`softmax_xent_`, shared with the vocab-parallel
+cross-entropy) and folds them straight into d hidden and d weight with two GEMMs, as Liger-Kernel's
+fused linear cross-entropy does. Backward then only scales the two saved gradients by the incoming
+scalar, so the loss must be reduced ("sum" or "mean"); per-token losses (RL log-probs) use the logits
+path, `vocab_parallel_cross_entropy`.
+
+Works at any tensor-parallel size: the head weight is vocab-sharded (ColumnParallelLinear), the hidden
+states enter through copy_to_tp (backward all-reduce), and each block's max and sum-exp are all-reduced
+across the shards. Under autocast the GEMMs run in the autocast dtype, the softmax in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from llamactl.parallel.context import ParallelContext
+from llamactl.parallel.tensor import copy_to_tp, reduce_grad_over, softmax_xent_, target_slots
+
+BLOCK_LOGITS = 1 << 23  # logits per block (32 MB fp32): large GEMMs, yet a fraction of the full matrix
+
+
+def _gemm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # older torch: no per-device autocast queries
+        pass
+    return default
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, target, vocab_start, group, ignore_index, block_rows):
+        n_local, dim = weight.shape
+        x = h.reshape(-1, dim)
+        valid, in_range, local_t = target_slots(target, vocab_start, n_local, ignore_index)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dt = _gemm_dtype(h.device.type, weight.dtype)
+        n = x.shape[0]
+        rows = block_rows or max(8, BLOCK_LOGITS // max(1, n_local))
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dx = torch.empty_like(x) if want_h else None
+        dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        if dw is not None and n == 0:
+            dw.zero_()
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            w = weight.to(dt)
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                xs = x[s:e].to(dt)
+                logits = torch.mm(xs, w.t()).float()
+                per_row = softmax_xent_(logits, logits, local_t[s:e], in_range[s:e], group)
+                loss += per_row.masked_fill(~valid[s:e], 0.0).sum()
+                if not (want_h or want_w):
+                    continue
+                logits.mul_(valid[s:e].unsqueeze(-1))  # ignored targets contribute nothing
+                g = logits.to(dt)
+                if want_h:
+                    dx[s:e] = torch.mm(g, w)
+                if want_w:  # the first block writes dw, later ones add to it (no zero-fill pass)
+                    if dt == torch.float32:
+                        torch.addmm(dw, g.t(), xs, beta=0 if s == 0 else 1, out=dw)
+                    elif s == 0:
+                        dw.copy_(torch.mm(g.t(), xs))
+                    else:
+                        dw += torch.mm(g.t(), xs).float()
+        ctx.save_for_backward(dx, dw)
+        ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, dw = ctx.saved_tensors
+        # scaled in place (no second full-size buffer): they were made for this one backward, and a
+        # second backward through the same graph raises instead of reusing them
+        gh = None if dx is None else dx.mul_(g.to(dx.dtype)).view(ctx.h_shape)
+        gw = None if dw is None else dw.mul_(g).to(ctx.w_dtype)
+        return gh, gw, None, None, None, None, None
+
+
+def lm_head_cross_entropy(hidden: torch.Tensor, head, target: torch.Tensor, ctx: ParallelContext, *,
+                          reduction: str = "sum", ignore_index: int = -100,
+                          block_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` (a vocab-parallel ColumnParallelLinear, no gather) against global
+    target ids, without materialising the logits. hidden (..., dim), target (...). reduction: "sum" or
+    "mean" over valid targets. block_rows overrides the token block size (tests)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"lm_head_cross_entropy reduces ('sum' or 'mean'), got {reduction!r}; "
+                         "per-token losses come from vocab_parallel_cross_entropy on the logits")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match hidden {tuple(hidden.shape)}")
+    weight = reduce_grad_over(head.weight, getattr(head, "grad_group", None))
+    x = copy_to_tp(hidden, ctx)
+    spec = getattr(head, "tp_shards", {}).get("weight")
+    vocab_start = spec.start if spec is not None else 0
+    group = ctx.tp_group if ctx.tp > 1 else None
+    loss = _HeadCrossEntropy.apply(x, weight, target, vocab_start, group, ignore_index, block_rows)
+    if reduction == "mean":
+        loss = loss / (target != ignore_index).sum().clamp(min=1)
+    return loss
