@@ -2,8 +2,9 @@
 
     python bench/kernels_train_step.py [--batch 4] [--seq 256] [--steps 5] [--malloc-tune]
 
-Two identical models (build_model(preset("small"), seed=0)) with their own AdamW; each timed step
-switches LLAMACTL_KERNELS between `auto` (fused) and `reference`. Ends with
+Two identical models (build_model(preset("small"), seed=0)) with their own AdamW, the loss the trainer
+uses (lm head fused into the cross-entropy); each timed step switches LLAMACTL_KERNELS between `auto`
+(fused) and `reference`. Ends with
 `small train step: <ratio>x reference (<details>)`.
 """
 from __future__ import annotations
@@ -14,21 +15,24 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llamactl.config import preset
 from llamactl.kernels import dispatch
 from llamactl.kernels.bench import tune_malloc
 from llamactl.model import build_model
+from llamactl.parallel.context import ParallelContext
+from llamactl.parallel.head_loss import lm_head_cross_entropy
 from llamactl.ui import console, progress, table
+
+
+CTX = ParallelContext.single()
 
 
 def _step(model, opt, x, y, mode: str) -> float:
     os.environ["LLAMACTL_KERNELS"] = mode
     dispatch.reset()
     t0 = time.perf_counter()
-    logits = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss = lm_head_cross_entropy(model(x, return_hidden=True), model.output, y, CTX, reduction="mean")
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -210,6 +210,34 @@ def _variable_lengths(rank, world):
     assert abs(summed - want_sum) <= LOSS_RTOL * want_sum and abs(want_sum / denom - want.loss) <= 1e-6 * want.loss
 
 
+class _Split:
+    """An in-memory token split with the TokenData surface evaluate_model reads."""
+
+    def __init__(self, tokens):
+        self.tokens, self.num_tokens, self.split, self.dir = tokens, len(tokens), "val", Path("memory")
+
+    def read(self, start, length):
+        return self.tokens[start:start + length]
+
+
+def _pipelined_eval(rank, world, tp, pp):
+    """evaluate_model through the pipeline (forward_only, fused head on the last stage) equals one process."""
+    import numpy as np
+
+    from llamactl.config import preset
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.stages.evaluate import evaluate_model
+
+    data = _Split(np.random.default_rng(0).integers(0, 2048, 9 * 16 + 1))
+    want = evaluate_model(build_model(preset("tiny"), ParallelContext.single(), seed=4), ParallelContext.single(),
+                          data, seq_len=16, batch_size=4)
+    ctx = ParallelContext.from_world(tp, pp)
+    got = evaluate_model(build_model(preset("tiny"), ctx, seed=4), ctx, data, seq_len=16, batch_size=4)
+    assert got.tokens == want.tokens == 9 * 16
+    assert abs(got.loss - want.loss) <= 1e-5 * want.loss, (tp, pp, ctx.dp, got.loss, want.loss)
+
+
 def _two(rank, world, root):
     root = Path(root)
     ref = _shared_reference(rank, root)
@@ -220,6 +248,7 @@ def _two(rank, world, root):
     _layout(1, 1, True, 2, ref, root)    # DP=2, ZeRO-1
     _variable_lengths(rank, world)
     _greedy(rank, world)
+    _pipelined_eval(rank, world, 1, 2)
 
 
 def _four(rank, world, root):
@@ -231,6 +260,8 @@ def _four(rank, world, root):
     _layout(1, 4, False, 4, ref, root)   # PP=4 with 2 micro-batches (< stages)
     _layout(4, 1, False, 2, ref, root)   # TP=4: kv heads replicated on 2 ranks each
     _reshard(rank, world, root)    # in the same spawn: process start-up is the expensive part
+    _pipelined_eval(rank, world, 2, 2)
+    _pipelined_eval(rank, world, 1, 2)  # PP=2 x DP=2: each replica scores every window once
 
 
 def test_training_steps_match_one_process_2_ranks(tmp_path):

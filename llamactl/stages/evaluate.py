@@ -1,6 +1,7 @@
 """`llamactl eval`: mean next-token loss and perplexity of a checkpoint on held-out tokens."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +37,22 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
         raise LlamactlError(f"{data.split} split has {data.num_tokens} tokens, fewer than one window of "
                             f"{seq_len + 1} ({data.dir}); lower --seq-len")
     total, count = 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    if ctx.pp > 1:  # forwards through the pipeline; the last stage scores, every stage gets the sum
+        from llamactl.parallel.pipeline import forward_only, lm_output_loss
+
+        loss_fn = lm_output_loss(ctx, head=model.output) if ctx.is_last_stage else lm_output_loss(ctx)
     with progress(disable=not show_progress) as bar:
         task = bar.add_task("eval", total=len(windows))
         for i in range(0, len(windows), batch_size):
             b = Batch.from_windows(np.stack(windows[i:i + batch_size])).to(device)
-            with autocast:
-                hidden = model(b.tokens, return_hidden=True)
-                total += float(lm_head_cross_entropy(hidden, model.output, b.targets, ctx, reduction="sum"))
+            if ctx.pp > 1:
+                # every dp replica scores the same windows: forward_only's dp sum counts them dp times
+                total += forward_only(model, [b], ctx, loss_fn, autocast=amp).loss / ctx.dp
+            else:
+                with amp():
+                    hidden = model(b.tokens, return_hidden=True)
+                    total += float(lm_head_cross_entropy(hidden, model.output, b.targets, ctx, reduction="sum"))
             count += b.num_valid
             bar.advance(task, min(batch_size, len(windows) - i))
     model.train(was_training)

@@ -186,7 +186,7 @@ def run(plan: Plan, *, resume: bool = False, show_progress: bool = True):
                  extra_meta={"seq_len": c.seq_len, "data": str(c.data)}, show_progress=show_progress)
     rows = [["steps", result.step], ["tokens", f"{result.tokens:,}"],
             ["final train loss", f"{result.last_loss:.4f}" if result.last_loss is not None else "-"]]
-    if c.eval_tokens and not result.stopped_by and ctx.pp == 1:  # eval is not pipelined yet
+    if c.eval_tokens and not result.stopped_by:
         from llamactl.stages.evaluate import evaluate_model
 
         val = TokenData(Path(c.data), "val")
