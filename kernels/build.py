@@ -239,6 +239,24 @@ def _build(kind: str, tmp: Path, log: Path) -> None:
         raise BuildError(f"building the {kind} extension failed: {_tail(str(e))}") from None
 
 
+KEEP_BUILDS = 3  # older builds kept per kind/torch/ISA besides the current one (other checkouts use them)
+
+
+def prune(root: Path, key: str, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Remove finished builds for the same kind, torch and ISA as `key` but other sources or flags,
+    keeping the `keep` most recently modified. A process that already loaded one keeps its mapping."""
+    prefix = key.rsplit("-", 1)[0] + "-"
+    old = [d for d in root.glob(prefix + "*") if d.is_dir() and d.name != key and ".tmp-" not in d.name
+           and re.fullmatch(r"[0-9a-f]{16}", d.name[len(prefix):])]
+    old.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    removed = []
+    for d in old[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+        (root / f"{d.name}.log").unlink(missing_ok=True)
+        removed.append(d)
+    return removed
+
+
 def ensure(kind: str, announce=None) -> Path:
     """Load the `kind` ("cpu" | "cuda") extension into this process, building it first if not cached.
 
@@ -272,6 +290,7 @@ def ensure(kind: str, announce=None) -> Path:
                 if final.exists():  # an older incomplete directory (cannot happen with rename, but be safe)
                     shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
+                prune(root, key)
                 so = sorted(final.glob(f"{name}*.so"))[0]
                 _LOADED[kind] = so  # cpp_extension.load already loaded it (from the tmp path)
                 return so

@@ -386,6 +386,25 @@ def test_half_built_tmp_dirs_are_cleaned(tmp_path):
     assert not d.exists() and live.exists()
 
 
+def test_old_builds_are_pruned_keeping_the_newest(tmp_path):
+    prefix = "cpu-torch2.13.0_cpu-AVX2-"
+    dirs = []
+    for i in range(6):
+        d = tmp_path / f"{prefix}{i:016x}"
+        d.mkdir()
+        (tmp_path / f"{d.name}.log").write_text("log")
+        os.utime(d, (1000 + i, 1000 + i))
+        dirs.append(d)
+    other = tmp_path / "cpu-torch2.13.0_cpu-AVX512-0000000000000001"  # another ISA: not ours to prune
+    other.mkdir()
+    tmp = tmp_path / f"{prefix}{5:016x}.tmp-1-abc"  # a build in progress
+    tmp.mkdir()
+    removed = build.prune(tmp_path, dirs[5].name, keep=2)
+    assert sorted(removed) == dirs[:3]
+    assert all(d.exists() for d in dirs[3:]) and other.exists() and tmp.exists()
+    assert not (tmp_path / f"{dirs[0].name}.log").exists() and (tmp_path / f"{dirs[4].name}.log").exists()
+
+
 def test_cache_key_tracks_isa_torch_and_sources():
     key = build.build_key("cpu")
     assert build.host_isa() in key and torch.__version__.replace("+", "_") in key
