@@ -245,18 +245,27 @@ void rms_fwd_t(const T* x, const T* w, T* y, acc_t<T>* rstd, int64_t r0, int64_t
     // read stream busy (prefetching past the last row of the chunk is harmless).
     const char* next = reinterpret_cast<const char*>(xr + n);
     const bool nt = stream && can_stream(yr);
-    for (i = 0; i < n; i += N) {
-      const int64_t c = std::min<int64_t>(N, n - i);
-      __builtin_prefetch(next + i * sizeof(T), 0, 3);
-      if constexpr (kStaged<T>) load_any<A>(xs + i, c, a, b); else load_any<T>(xr + i, c, a, b);
-      load_any<A>(wa_ + i, c, wa, wb);
+    // y = x*r (rounded to bf16 for bf16, as the reference casts before the weight) times w
+    auto block = [&](int64_t at, int64_t c) {
+      if constexpr (kStaged<T>) load_any<A>(xs + at, c, a, b); else load_any<T>(xr + at, c, a, b);
+      load_any<A>(wa_ + at, c, wa, wb);
       a = a * vr;
       b = b * vr;
       if constexpr (kStaged<T>) {
         a = round_bf16(a);
         b = round_bf16(b);
       }
-      store_out<T>(yr + i, c, nt, a * wa, b * wb);
+      store_out<T>(yr + at, c, nt, a * wa, b * wb);
+    };
+    constexpr int64_t kPair = 2 * N * int64_t(sizeof(T));  // bytes of x per two blocks
+    for (i = 0; i + 2 * N <= n; i += 2 * N) {
+      for (int64_t off = 0; off < kPair; off += 64) __builtin_prefetch(next + i * sizeof(T) + off, 0, 3);
+      block(i, N);
+      block(i + N, N);
+    }
+    for (; i < n; i += N) {
+      __builtin_prefetch(next + i * sizeof(T), 0, 3);
+      block(i, std::min<int64_t>(N, n - i));
     }
   }
   stream_fence(stream);
