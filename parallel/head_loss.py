@@ -26,6 +26,22 @@ from llamactl.parallel.tensor import copy_to_tp, reduce_grad_over, softmax_xent_
 BLOCK_LOGITS = 1 << 25
 
 
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+
+
+def _logits_block(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits xs @ w.T. On CPU they go to one scratch buffer kept across calls: glibc hands every
+    fresh tensor this large out as new pages, faulted in one by one (~30k faults per step for the small
+    preset), where a GPU's caching allocator would simply reuse the block."""
+    if xs.device.type != "cpu" or w.dtype != torch.float32:
+        return torch.mm(xs, w.t()).float()
+    need = xs.shape[0] * w.shape[0]
+    buf = _WORKSPACE.get(xs.device)
+    if buf is None or buf.numel() < need:
+        buf = _WORKSPACE[xs.device] = torch.empty(need, dtype=torch.float32, device=xs.device)
+    return torch.mm(xs, w.t(), out=buf[:need].view(xs.shape[0], w.shape[0]))
+
+
 def _gemm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     try:
         if torch.is_autocast_enabled(device_type):
@@ -55,7 +71,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             for s in range(0, n, rows):
                 e = min(n, s + rows)
                 xs = x[s:e].to(dt)
-                logits = torch.mm(xs, w.t()).float()
+                logits = _logits_block(xs, w)  # overwritten in place with d loss / d logits
                 per_row = softmax_xent_(logits, logits, local_t[s:e], in_range[s:e], group)
                 loss += per_row.masked_fill(~valid[s:e], 0.0).sum()
                 if not (want_h or want_w):
