@@ -16,6 +16,15 @@ import time
 import torch
 
 
+def update(loss, params, opt) -> float:
+    """The part of a step both sides share exactly: backward, clip 1.0, AdamW, drop the grads."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def llamactl_step_factory(cfg, batch, compile_: bool):
     from llamactl.parallel.context import ParallelContext
     from llamactl.model import build_model
@@ -33,11 +42,7 @@ def llamactl_step_factory(cfg, batch, compile_: bool):
     def step():
         # what trainer.lm_loss does: hidden states, then the lm head fused into the loss
         loss = lm_head_cross_entropy(fwd(x, return_hidden=True), model.output, y, ctx, reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return update(loss, params, opt)
 
     return step, sum(p.numel() for p in params)
 
@@ -64,11 +69,7 @@ def hf_step_factory(cfg, batch):
         # labels already shifted: pass logits' loss exactly as HF computes it (fp32 cross-entropy)
         logits = model(input_ids=x, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return update(loss, params, opt)
 
     return step, sum(p.numel() for p in params)
 
