@@ -1,9 +1,12 @@
 """Training throughput: llamactl vs Hugging Face LlamaForCausalLM on the same `small` config.
 
 Same shapes (~60M parameters, vocab 32000), same batch, fp32, same AdamW (0.9, 0.95, 1e-5, wd 0.1 on
-matrices, fused kernel for both), clip 1.0. The two are timed alternately in one process, one step at a
-time, many rounds, warm-up steps excluded; the ratio reported is the median of the per-round ratios (other processes
-share the cores, so single timings are noisy). MFU is against the measured fp32 matmul peak.
+matrices, fused kernel for both), clip 1.0. Each side clips as its users do: llamactl runs what
+trainer.fit runs (the gradient norm, then the clip coefficient folded into the fused AdamW step as its
+grad_scale), transformers runs clip_grad_norm_ (a pass scaling every gradient in place) then the step, as
+its Trainer does. The two are timed alternately in one process, one step at a time, many rounds, warm-up
+steps excluded; the ratio reported is the median of the per-round ratios (other processes share the
+cores, so single timings are noisy). MFU is against the measured fp32 matmul peak.
 
     python bench/train_throughput.py [--rounds 6] [--steps 3] [--micro-batch 4] [--seq-len 256] [--compile]
 """
@@ -16,11 +19,26 @@ import time
 import torch
 
 
-def update(loss, params, opt) -> float:
-    """The part of a step both sides share exactly: backward, clip 1.0, AdamW, drop the grads."""
-    loss.backward()
+def llamactl_clip_step(params, opt) -> None:
+    """What trainer.fit runs after backward: the norm (read on the host for the metrics), then the step with
+    the clip coefficient folded in."""
+    from llamactl.trainer import clipped_step, default_grad_norm
+
+    norm = default_grad_norm(params)
+    float(norm)
+    clipped_step(opt, params, norm, 1.0)
+
+
+def hf_clip_step(params, opt) -> None:
+    """What a transformers user (and its Trainer) runs: clip_grad_norm_ scales the gradients, then the step."""
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
     opt.step()
+
+
+def update(loss, params, opt, clip_step) -> float:
+    """The part of a step both sides share: backward, clip 1.0 + AdamW (each side's clip_step), drop the grads."""
+    loss.backward()
+    clip_step(params, opt)
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
@@ -42,7 +60,7 @@ def llamactl_step_factory(cfg, batch, compile_: bool):
     def step():
         # what trainer.lm_loss does: hidden states, then the lm head fused into the loss
         loss = lm_head_cross_entropy(fwd(x, return_hidden=True), model.output, y, ctx, reduction="mean")
-        return update(loss, params, opt)
+        return update(loss, params, opt, llamactl_clip_step)
 
     return step, sum(p.numel() for p in params)
 
@@ -69,7 +87,7 @@ def hf_step_factory(cfg, batch):
         # labels already shifted: pass logits' loss exactly as HF computes it (fp32 cross-entropy)
         logits = model(input_ids=x, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
-        return update(loss, params, opt)
+        return update(loss, params, opt, hf_clip_step)
 
     return step, sum(p.numel() for p in params)
 

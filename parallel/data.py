@@ -1,4 +1,4 @@
-"""Data parallelism: bucketed gradient all-reduce, ZeRO-1 optimizer sharding, global gradient clipping.
+"""Data parallelism: bucketed gradient all-reduce, ZeRO-1 optimizer sharding, global gradient norm.
 
 Losses are normalised by the valid tokens of the whole global batch (see pipeline.py), so the gradient
 of the global batch is the SUM of the data-parallel ranks' gradients, never their mean.
@@ -11,7 +11,8 @@ bf16 autocast) are stepped in place through views: ZeRO-1 then costs 8 bytes / d
 
 Clipping uses the norm of the whole model's gradient: sharded tensors summed over tp and pp, tensors
 replicated over tp (norm gains, GQA kv heads held by several ranks) counted once, and nothing summed
-over dp (the gradients are identical there after the reduction).
+over dp (the gradients are identical there after the reduction). `GradNorm` only measures it; the
+trainer applies the clip (trainer.clipped_step), inside the fused AdamW where it can, also under ZeRO-1.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class GradReducer:
                 offset += n
 
 
-# ---- global gradient norm and clipping --------------------------------------------------------------
+# ---- global gradient norm ---------------------------------------------------------------------------
 def _holders(spec, tp: int) -> int:
     """How many tp ranks hold the same values of a parameter (1 for a proper shard)."""
     if spec is None:
@@ -77,8 +78,10 @@ def _holders(spec, tp: int) -> int:
     return max(1, tp * spec.length // spec.full)
 
 
-class GradClipper:
-    """`clip(params, max_norm) -> total norm` over the whole model (tp x pp), counting replicas once."""
+class GradNorm:
+    """`grad_norm(params) -> total gradient norm` of the whole model (tp x pp), counting replicas once.
+
+    It scales nothing: the trainer turns the norm into the clip coefficient (trainer.clipped_step)."""
 
     def __init__(self, model: nn.Module, ctx: ParallelContext):
         self.ctx = ctx
@@ -88,7 +91,7 @@ class GradClipper:
             h = _holders(specs.get(name), ctx.tp)
             self.counted[id(p)] = ctx.tp_rank % h == 0
 
-    def norm(self, params: Iterable[nn.Parameter]) -> torch.Tensor:
+    def __call__(self, params: Iterable[nn.Parameter]) -> torch.Tensor:
         params = [p for p in params if p.grad is not None]
         device = params[0].grad.device if params else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float32, device=device)
@@ -100,15 +103,6 @@ class GradClipper:
             if size > 1:
                 dist.all_reduce(sq, group=group)
         return sq.sqrt()
-
-    def __call__(self, params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-        params = [p for p in params if p.grad is not None]
-        total = self.norm(params)
-        if max_norm and max_norm > 0:
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for p in params:
-                p.grad.mul_(coef.to(p.grad.dtype))
-        return total
 
 
 # ---- ZeRO-1 -----------------------------------------------------------------------------------------
@@ -162,6 +156,20 @@ class ZeroOptimizer:
     @property
     def state(self):
         return self.inner.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.inner.defaults
+
+    @property
+    def grad_scale(self) -> torch.Tensor | None:
+        """The inner optimizer's: a fused inner AdamW divides this rank's gradient slices by it in its kernel
+        (how trainer.clipped_step folds in the clip coefficient)."""
+        return getattr(self.inner, "grad_scale", None)
+
+    @grad_scale.setter
+    def grad_scale(self, value: torch.Tensor | None) -> None:
+        self.inner.grad_scale = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -233,7 +241,7 @@ def training_hooks(model: nn.Module, ctx: ParallelContext, output_loss: Callable
 
     output_loss(output, batch) -> summed loss of a micro-batch (run on the last pipeline stage).
     step_fn runs the 1F1B schedule (plain accumulation at pp == 1), reduce_grads the bucketed dp sum,
-    clip_grads the global norm, make_optimizer AdamW or its ZeRO-1 sharded form, count_valid the
+    grad_norm the global gradient norm, make_optimizer AdamW or its ZeRO-1 sharded form, count_valid the
     global normaliser (every collective on the model's device, so NCCL works too).
     """
     import contextlib
@@ -243,7 +251,7 @@ def training_hooks(model: nn.Module, ctx: ParallelContext, output_loss: Callable
     kw = {"inputs": inputs} if inputs is not None else {}
     step_fn = make_step_fn(ctx, output_loss, autocast=autocast or contextlib.nullcontext, **kw)
     reducer = GradReducer(model.parameters(), ctx, bucket_mb)
-    clipper = GradClipper(model, ctx)
+    grad_norm = GradNorm(model, ctx)
 
     def make_optimizer(groups, cfg):
         kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -260,5 +268,5 @@ def training_hooks(model: nn.Module, ctx: ParallelContext, output_loss: Callable
             dist.all_reduce(n, group=ctx.dp_group)
         return int(n.item())
 
-    return {"step_fn": step_fn, "reduce_grads": reducer, "clip_grads": clipper, "make_optimizer": make_optimizer,
+    return {"step_fn": step_fn, "reduce_grads": reducer, "grad_norm": grad_norm, "make_optimizer": make_optimizer,
             "count_valid": count_valid}

@@ -298,6 +298,46 @@ def test_zero_partition_covers_every_element_once():
         assert bool((seen == 1).all()), f"dp={dp}: elements owned {seen.tolist()}"
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_zero_optimizer_takes_the_clip_coefficient(fused):
+    """trainer.clipped_step through ZeroOptimizer (one process): with a fused inner AdamW the coefficient goes
+    in as the inner grad_scale, with a foreach one the gradients are multiplied; both give the weights of
+    clip_grad_norm_ + step of a plain AdamW, and no grad_scale is left for a later step. (The multi-rank
+    ZeRO-1 layouts above compare with a 1-process run through the same fold.)"""
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.parallel.data import ZeroOptimizer
+    from llamactl.trainer import clipped_step, default_grad_norm, takes_grad_scale
+
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-5)
+
+    def inner(groups, **opts):
+        return torch.optim.AdamW(groups, fused=fused, foreach=not fused, **opts)
+
+    def run(zero: bool):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(33, 7), (5,), (4, 9)]]
+        groups = [{"params": params, "weight_decay": 0.1}]
+        opt = ZeroOptimizer(groups, ParallelContext.single(), make_inner=inner, **kw) if zero else inner(groups, **kw)
+        for step, (norm, max_norm) in enumerate([(6.0, 1.0), (0.4, 1.0), (9.0, 1.0), (0.5, 0.0), (0.3, 0.0)]):
+            grads = [torch.randn(p.shape, generator=g) for p in params]
+            total = torch.linalg.vector_norm(torch.stack([x.norm() for x in grads]))
+            for p, x in zip(params, grads):
+                p.grad = x * (norm / total)
+            if zero:
+                assert takes_grad_scale(opt) == fused
+                clipped_step(opt, params, default_grad_norm(params), max_norm)
+                assert opt.grad_scale is None and getattr(opt.inner, "grad_scale", None) is None, step
+            else:
+                if max_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach() for p in params]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def _reshard(rank, world, root):
     """A checkpoint saved at TP2/PP2 loads at TP1/PP1, is saved again, loads at TP4/PP1: tensors identical."""
     from pathlib import Path

@@ -1,4 +1,5 @@
-"""Trainer pieces: schedule, decay groups, accumulation == one big batch, non-finite stop, vocab checks."""
+"""Trainer pieces: schedule, decay groups, accumulation == one big batch, clipping folded into AdamW,
+non-finite stop, vocab checks."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,8 @@ from llamactl.data import Batch
 from llamactl.errors import LlamactlError
 from llamactl.model import build_model
 from llamactl.parallel.context import ParallelContext
-from llamactl.trainer import (Hooks, TrainConfig, fit, lm_loss, lr_at, make_adamw, make_default_step, param_groups)
+from llamactl.trainer import (Hooks, TrainConfig, clipped_step, default_grad_norm, fit, lm_loss, lr_at, make_adamw,
+                              make_default_step, param_groups, takes_grad_scale)
 
 CTX = ParallelContext.single()
 
@@ -83,6 +85,100 @@ def test_grad_accumulation_equals_one_big_batch():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=n)
 
 
+# ---- clipping: the coefficient folded into the fused AdamW, or multiplied in ---------------------------
+NORMS = [8.0, 0.3, 25.0, 0.6, 3.0]   # total gradient norm of each step: above and below max_norm 1
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(64, 32), (32,), (7, 5, 3)]]
+
+
+def _steps(make_opt, clip_step, norms, max_norms):
+    """Steps with gradients of the given total norms; clip_step(opt, params, max_norm) clips and steps."""
+    params = _tensors()
+    opt = make_opt([{"params": [params[0], params[2]], "weight_decay": 0.1},
+                    {"params": [params[1]], "weight_decay": 0.0}])
+    for i, (norm, max_norm) in enumerate(zip(norms, max_norms)):
+        g = torch.Generator().manual_seed(100 + i)
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+        for p, x in zip(params, grads):
+            p.grad = x * (norm / total)
+        clip_step(opt, params, max_norm)
+        assert getattr(opt, "grad_scale", None) is None, "grad_scale must not outlive its step"
+        opt.zero_grad(set_to_none=True)
+    return [p.detach() for p in params], opt
+
+
+def _reference_step(opt, params, max_norm):
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    opt.step()
+
+
+def _folded_step(opt, params, max_norm):
+    clipped_step(opt, params, default_grad_norm(params), max_norm)
+
+
+def _fused(groups):
+    return make_adamw(groups, TrainConfig(lr=1e-2))
+
+
+def _foreach(groups):
+    return torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-5, foreach=True)
+
+
+@pytest.mark.parametrize("make_opt", [_fused, _foreach], ids=["fused", "foreach"])
+def test_clipped_step_equals_clip_grad_norm_then_step(make_opt):
+    """Fused AdamW takes 1/coef as grad_scale, foreach AdamW gets the grads multiplied: both give the weights
+    of clip_grad_norm_ + step over steps clipped and not (g / (1/coef) vs g * coef: a few ulp)."""
+    want, ref_opt = _steps(make_opt, _reference_step, NORMS, [1.0] * len(NORMS))
+    got, opt = _steps(make_opt, _folded_step, NORMS, [1.0] * len(NORMS))
+    assert takes_grad_scale(opt) == (make_opt is _fused)
+    unclipped, _ = _steps(make_opt, _reference_step, NORMS, [0.0] * len(NORMS))
+    assert max((a - b).abs().max().item() for a, b in zip(want, unclipped)) > 1e-3, "clipping must matter here"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scale_is_for_one_step_only():
+    """A clipped step (norm 10 -> coef 0.1) then unclipped ones (max_norm 0): the fused optimizer must not
+    keep dividing the later steps' gradients by the first step's 1/coef."""
+    norms, max_norms = [10.0, 0.5, 0.5, 10.0, 0.4], [1.0, 0.0, 0.0, 1.0, 0.0]
+    want, _ = _steps(_fused, _reference_step, norms, max_norms)
+    got, _ = _steps(_fused, _folded_step, norms, max_norms)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fit_clips_like_clip_grad_norm_then_step(tmp_path):
+    """trainer.fit (grad_norm hook, coefficient folded into the fused AdamW) gives the grad norms and weights
+    of the textbook loop: backward, clip_grad_norm_, step."""
+    windows, _ = _batches(n=8)
+    cfg = TrainConfig(steps=4, lr=1e-2, schedule="constant", clip=0.5)
+    model = build_model(_cfg(), CTX, seed=0)
+    ref = copy.deepcopy(model)
+    fit(model, CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run", tokenizer=None, show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    step_fn = make_default_step(lambda m, b: lm_loss(m, b, CTX), CTX, contextlib.nullcontext)
+    opt = make_adamw(param_groups(ref, cfg.weight_decay), cfg)
+    source, norms = _ListSource(windows), []
+    for _ in range(cfg.steps):
+        micro = source.next_step()
+        step_fn(ref, micro, sum(b.num_valid for b in micro))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), cfg.clip, foreach=True)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert min(norms) > cfg.clip, "clipping must be active in every step, or the fold goes untested"
+    assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
+    # 1 ulp after one step; Adam magnifies rounding in near-zero gradients to ~2e-6 in 4 steps (fused vs
+    # foreach AdamW differ as much); a missing or inverted clip moves weights by ~4e-2
+    for (name, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
 class _ListSource:
     """A batch source over fixed windows: enough for the loop, with a resumable position."""
 
@@ -147,6 +243,27 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002"]
     assert checkpoint.verify(tmp_path / "run" / "step-000002") == []
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_non_finite_grad_norm_stops_before_the_update(tmp_path):
+    """A finite loss with an inf gradient norm (the grad_norm hook's result) stops the run at that step,
+    before the optimizer touches the weights."""
+    windows, _ = _batches(n=16)
+    model = build_model(_cfg(), CTX, seed=0)
+    seen = {}
+
+    def grad_norm(params):
+        seen["calls"] = seen.get("calls", 0) + 1
+        if seen["calls"] < 3:
+            return default_grad_norm(params)
+        seen["weights"] = [p.detach().clone() for p in model.parameters()]
+        return torch.tensor(float("inf"))
+
+    with pytest.raises(LlamactlError, match=r"gradient norm is inf at step 3"):
+        fit(model, CTX, TrainConfig(steps=5, lr=1e-2), _ListSource(windows), run_dir=tmp_path / "run",
+            hooks=Hooks(grad_norm=grad_norm), tokenizer=None, show_progress=False)
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), seen["weights"]))
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_step_fn_hook_replaces_forward_backward(tmp_path):
