@@ -1,4 +1,4 @@
-"""Fused RMSNorm and RoPE: one entry point per op, the backend picked per device.
+"""Fused RMSNorm, RoPE and SwiGLU: one entry point per op, the backend picked per device.
 
 Backend order: CUDA extension (CUDA tensors) > native CPU extension (CPU tensors) > reference
 (`kernels/dispatch.py`). `LLAMACTL_KERNELS=reference` forces the reference. The first use on a device
@@ -30,4 +30,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return reference.apply_rope(q, k, cos, sin)
 
 
-__all__ = ["rms_norm", "apply_rope", "rope_tables", "backend"]
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b (the feed-forward gate); fused, only a and b are kept for the backward."""
+    if use_fused(a.device.type, a.dtype, b.dtype):
+        return torch.ops.llamactl.swiglu(a, b)
+    return reference.swiglu(a, b)
+
+
+__all__ = ["rms_norm", "apply_rope", "swiglu", "rope_tables", "backend"]

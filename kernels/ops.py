@@ -7,6 +7,8 @@ implementations give output shapes without running anything) and autograd knows 
   llamactl::rms_norm_fwd(x, weight, eps) -> (y, rstd)      rstd: fp32 (fp64 for fp64) per row
   llamactl::rms_norm_bwd(dy, x, weight, rstd) -> (dx, dw)
   llamactl::rope(q, k, cos, sin, inverse) -> (q_out, k_out) inverse=True rotates by -angle (backward)
+  llamactl::swiglu(a, b) -> silu(a) * b                    saves a and b only (silu recomputed)
+  llamactl::swiglu_bwd(dout, a, b) -> (da, db)
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 torch.library.define("llamactl::rms_norm_fwd", "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
 torch.library.define("llamactl::rms_norm_bwd", "(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)")
 torch.library.define("llamactl::rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)")
+torch.library.define("llamactl::swiglu", "(Tensor a, Tensor b) -> Tensor")
+torch.library.define("llamactl::swiglu_bwd", "(Tensor dout, Tensor a, Tensor b) -> (Tensor, Tensor)")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -35,6 +39,16 @@ def _rms_norm_bwd_fake(dy, x, weight, rstd):
 def _rope_fake(q, k, cos, sin, inverse):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
+@torch.library.register_fake("llamactl::swiglu")
+def _swiglu_fake(a, b):
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+
+
+@torch.library.register_fake("llamactl::swiglu_bwd")
+def _swiglu_bwd_fake(dout, a, b):
+    return torch.empty(a.shape, dtype=a.dtype, device=a.device), torch.empty(b.shape, dtype=b.dtype, device=b.device)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -63,7 +77,17 @@ def _rope_backward(ctx, dq, dk):
     return dq, dk, None, None, None
 
 
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dout):
+    a, b = ctx.saved_tensors
+    return torch.ops.llamactl.swiglu_bwd(dout, a, b)
+
+
 torch.library.register_autograd("llamactl::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
+torch.library.register_autograd("llamactl::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
 torch.library.register_autograd("llamactl::rope", _rope_backward, setup_context=_rope_setup)
 
 

@@ -5,16 +5,22 @@ Numerics follow Meta's reference implementation:
   apply_rope (half / rotate-half layout, as in Hugging Face checkpoints): with x = [x1, x2] split in
   halves of the head dim,  out = [x1*cos - x2*sin, x2*cos + x1*sin], computed in fp32, cast back.
   Its backward is the same rotation with sin negated.
+  swiglu:    silu(a) * b, the gate of the feed-forward w2(silu(w1 x) * w3 x).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return xf.to(x.dtype) * weight
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
-from llamactl.kernels import apply_rope, rms_norm, rope_tables
+from llamactl.kernels import apply_rope, rms_norm, rope_tables, swiglu
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.pipeline import stage_layers
 from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
@@ -116,7 +116,7 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(cfg.ffn_dim, cfg.dim, ctx, **kw)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -203,6 +203,17 @@ class VocabParallelEmbedding(nn.Module):
 _CE_CHUNK_ELEMS = 1 << 21  # logits per chunk (8 MB fp32): max, exp, sum and scale stay in cache
 
 
+def _native_xent(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """One pass per row in the CPU extension (kernels/csrc/cpu) instead of six torch ops over each chunk:
+    fp32 CPU rows, one device (tp > 1 all-reduces between the passes), where the fused kernels run."""
+    if not (src.device.type == "cpu" and src.dtype == dst.dtype == torch.float32 and src.is_contiguous()
+            and dst.is_contiguous()):
+        return False
+    from llamactl.kernels.dispatch import backend
+
+    return backend("cpu").fused
+
+
 def softmax_xent_(src: torch.Tensor, dst: torch.Tensor, local_t: torch.Tensor, in_range: torch.Tensor,
                   group) -> torch.Tensor:
     """Cross-entropy of rows of vocab-sharded fp32 logits `src` (n, V/tp); `dst` (may be `src`) receives
@@ -210,6 +221,8 @@ def softmax_xent_(src: torch.Tensor, dst: torch.Tensor, local_t: torch.Tensor, i
     value where not in_range); in_range (n,): the target lies in this shard. Returns the per-row loss
     log(sum exp) - logit[target] over the whole vocabulary. Rows are done a cache-sized block at a time;
     over tp the max and the (picked logit, sum exp) pairs are all-reduced once each."""
+    if group is None and _native_xent(src, dst):
+        return torch.ops.llamactl_cpu.softmax_xent_(src, dst, local_t, in_range)
     n, n_local = src.shape
     picked = torch.empty(n, dtype=torch.float32, device=src.device)
     sum_exp = torch.empty(n, dtype=torch.float32, device=src.device)

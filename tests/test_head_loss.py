@@ -118,3 +118,75 @@ def test_empty_batch_gives_zero_loss_and_grads():
     loss = lm_head_cross_entropy(hg, head, target[:0], CTX, reduction="mean")
     loss.backward()
     assert float(loss.detach()) == 0.0 and bool((head.weight.grad == 0).all())
+
+
+# ---- the native CPU cross-entropy (kernels/csrc/cpu: softmax_xent) --------------------------------------
+def _xent_case(rows, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 4
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[0], t[-1] = 0, vocab - 1
+    in_range = torch.ones(rows, dtype=torch.bool)
+    in_range[1::4] = False  # ignored targets: no one-hot, loss log(sum exp(x - max)) (the caller drops it)
+    return x, t.masked_fill(~in_range, 0).unsqueeze(-1), in_range
+
+
+@pytest.mark.parametrize("rows,vocab", [(13, 1), (13, 7), (9, 37), (5, 1000), (4, 32000), (3, 4097)])
+def test_native_xent_equals_torch_ops(monkeypatch, rows, vocab):
+    """Same results as the chunked torch-op path (and a float64 reference), in place and out of place."""
+    from llamactl.parallel import tensor as tp_mod
+
+    x, lt, in_range = _xent_case(rows, vocab)
+    if not tp_mod._native_xent(x, x):
+        pytest.skip("the fused CPU kernels are not built here")
+    got = x.clone()
+    loss = tp_mod.softmax_xent_(got, got, lt, in_range, None)
+    out = torch.empty_like(x)
+    loss2 = tp_mod.softmax_xent_(x, out, lt, in_range, None)
+    assert torch.equal(out, got) and torch.equal(loss2, loss)
+    monkeypatch.setattr(tp_mod, "_native_xent", lambda a, b: False)
+    want = x.clone()
+    want_loss = tp_mod.softmax_xent_(want, want, lt, in_range, None)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    x64 = x.double()
+    lse = torch.logsumexp(x64, -1)
+    ref_loss = torch.where(in_range, lse - x64.gather(-1, lt).squeeze(-1), lse - x64.amax(-1))
+    ref_grad = torch.softmax(x64, -1)
+    ref_grad[in_range.nonzero().squeeze(-1), lt[in_range].squeeze(-1)] -= 1
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double(), ref_grad, rtol=0, atol=3e-7)
+
+
+def test_native_xent_runs_in_the_fused_head(monkeypatch):
+    """On CPU with the fused kernels the head's cross-entropy goes through the native op."""
+    from llamactl.parallel import tensor as tp_mod
+
+    head, h, target = _setup(vocab=37)
+    if not tp_mod._native_xent(h, h):
+        pytest.skip("the fused CPU kernels are not built here")
+    calls = []
+    real = torch.ops.llamactl_cpu.softmax_xent_
+
+    class Spy:
+        def softmax_xent_(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops, "llamactl_cpu", Spy())
+    lm_head_cross_entropy(h.clone().requires_grad_(), head, target, CTX, reduction="sum").backward()
+    assert calls
+
+
+def test_native_xent_rejects_bad_input():
+    from llamactl.parallel import tensor as tp_mod
+
+    x, lt, in_range = _xent_case(3, 11)
+    if not tp_mod._native_xent(x, x):
+        pytest.skip("the fused CPU kernels are not built here")
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.llamactl_cpu.softmax_xent_(x, x.clone(), torch.full_like(lt, 11), in_range)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        torch.ops.llamactl_cpu.softmax_xent_(x, x.clone(), lt[:2], in_range)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.llamactl_cpu.softmax_xent_(x.double(), x.double(), lt, in_range)

@@ -1,4 +1,4 @@
-"""Fused RMSNorm / RoPE against the reference (kernels/reference.py), forward and backward.
+"""Fused RMSNorm / RoPE / SwiGLU against the reference (kernels/reference.py), forward and backward.
 
 The CPU extension is built once per session (cached under LLAMACTL_KERNEL_CACHE or ~/.cache) by the
 `fused_cpu` fixture; a failed build fails these tests instead of silently testing the reference.
@@ -182,6 +182,49 @@ def test_rope_shape_errors(fused_cpu):
 
 
 # ---- dispatch, compile, model ----------------------------------------------------------------------
+# ---- SwiGLU -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1,), (17,), (3, 64), (5, 7, 97), (2, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_swiglu_matches_reference(fused_cpu, shape, dtype):
+    """Forward and d b are the reference's bits (same formulas, same rounding points); d a within 1e-6 (fp32,
+    the compiler may contract a multiply-add), bit-exact in bf16."""
+    g = torch.Generator().manual_seed(sum(shape))
+    a, b, dy = [(torch.randn(shape, generator=g) * 4).to(dtype) for _ in range(3)]
+    y, (da, db) = _grads(K.swiglu, (a, b), dy)
+    yr, (rda, rdb) = _grads(R.swiglu, (a, b), dy)
+    assert torch.equal(y, yr) and torch.equal(db, rdb)
+    if dtype == torch.bfloat16:
+        assert torch.equal(da, rda)
+    else:
+        torch.testing.assert_close(da, rda, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_swiglu_saves_only_its_inputs(fused_cpu):
+    """The point of fusing on memory: autograd keeps a and b, not silu(a) as well."""
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        K.swiglu(a * 1, b * 1)
+    assert len(saved) == 2 and all(t.shape == (4, 64) for t in saved)
+
+
+def test_swiglu_gradcheck_float64(fused_cpu):
+    a = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(K.swiglu, (a, b))
+
+
+def test_swiglu_noncontiguous_and_errors(fused_cpu):
+    a, b = torch.randn(6, 10), torch.randn(10, 6)
+    # (torch's strided silu uses the scalar exp, its contiguous one the vector exp: ulps apart)
+    torch.testing.assert_close(K.swiglu(a[:, ::2], b.t()[:, ::2]), R.swiglu(a[:, ::2], b.t()[:, ::2]), rtol=1e-6,
+                               atol=1e-7)
+    with pytest.raises(RuntimeError, match="differ"):
+        torch.ops.llamactl.swiglu(a, b)
+    with pytest.raises(RuntimeError, match="differ"):
+        torch.ops.llamactl.swiglu(a, a.double())
+
+
 def test_unsupported_dtype_runs_reference(fused_cpu):
     x, w = torch.randn(4, 16).half(), torch.randn(16).half()
     torch.testing.assert_close(K.rms_norm(x, w), R.rms_norm(x, w))
@@ -194,7 +237,7 @@ def test_torch_compile_fullgraph_traces_the_ops(fused_cpu):
 
     def f(x, w, q, k):
         qo, ko = K.apply_rope(q, k, cos, sin)
-        return (K.rms_norm(x, w) * 2).sum() + (qo * ko.sum(2, keepdim=True)).sum()
+        return (K.swiglu(K.rms_norm(x, w), x) * 2).sum() + (qo * ko.sum(2, keepdim=True)).sum()
 
     torch.manual_seed(0)
     args = [torch.randn(8, 24), torch.randn(24), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 1, 16)]
@@ -304,13 +347,17 @@ STREAMED = """
             qo, ko = K.apply_rope(qg, kg, cos, sin)
             dq, dk = torch.autograd.grad((qo, ko), (qg, kg), (torch.ones_like(qo), torch.ones_like(ko)))
             out[f"rope{D}{dt}"] = (qo.detach(), ko.detach(), dq, dk)
+        for n in (64, 37, 4099):
+            a, b = torch.randn(3, n).to(dt).requires_grad_(), torch.randn(3, n).to(dt).requires_grad_()
+            y = K.swiglu(a, b)
+            out[f"swiglu{n}{dt}"] = (y.detach(), *torch.autograd.grad(y, (a, b), torch.ones_like(y)))
     torch.save(out, sys.argv[1])
 """
 
 
 def test_streamed_outputs_are_bit_identical(fused_cpu, tmp_path):
     """Non-temporal stores (LLAMACTL_CPU_STREAM_BYTES=0 streams every output; aligned and unaligned rows,
-    tails) write exactly the bits that normal stores write."""
+    tails; RMSNorm, RoPE and SwiGLU) write exactly the bits that normal stores write."""
     files = {}
     for tag, limit in (("stream", "0"), ("plain", "-1")):
         files[tag] = tmp_path / f"{tag}.pt"
@@ -320,7 +367,7 @@ def test_streamed_outputs_are_bit_identical(fused_cpu, tmp_path):
                            text=True, env=e, timeout=300)
         assert r.returncode == 0, r.stderr
     a, b = torch.load(files["stream"]), torch.load(files["plain"])
-    assert a.keys() == b.keys() and len(a) == 10
+    assert a.keys() == b.keys() and len(a) == 16
     for key in a:
         for u, v in zip(a[key], b[key]):
             assert torch.equal(u, v), key
@@ -428,6 +475,28 @@ def test_cuda_sources_compile_with_nvcc(cu, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / (cu + ".o")).stat().st_size > 0
+
+
+def test_cuda_binding_parses_against_torch_headers(tmp_path):
+    """ops_cuda.cpp is built only where torch has CUDA; here it is at least checked by the C++ compiler
+    (-fsyntax-only) against this torch's headers and the CUDA toolkit's, so a wrong signature or a missing
+    launcher shows up on a CPU-only machine too. The CPU wheel lacks one generated header
+    (c10/cuda/impl/cuda_cmake_macros.h): an empty stand-in is enough to parse."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"))]
+    found = [Path(r) / "include" for r in roots if r and (Path(r) / "include" / "cuda_runtime.h").exists()]
+    if not found:
+        pytest.skip("no CUDA toolkit headers on this machine")
+    cuda_inc = found[0]
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = [build.cxx(), "-std=c++17", "-fsyntax-only", f"-I{tmp_path}", *[f"-I{p}" for p in include_paths()],
+           f"-I{cuda_inc}", f"-I{CUDA_DIR}", str(CUDA_DIR / "ops_cuda.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 # ---- benchmark plumbing (no timings asserted) -------------------------------------------------------

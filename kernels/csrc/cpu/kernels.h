@@ -31,6 +31,14 @@ struct KernelTable {
   void (*rope)(int dt, const void* x, void* out, const float* cos, const float* sin, int64_t r0,
                int64_t r1, int64_t T, int64_t H, int64_t D, int64_t cs_b, int64_t cs_t,
                int64_t ss_b, int64_t ss_t, bool inverse, bool stream);
+  // SwiGLU silu(a) * b over flat elements [i0, i1); the backward gives da and db from dout, a and b.
+  void (*swiglu_fwd)(int dt, const void* a, const void* b, void* out, int64_t i0, int64_t i1, bool stream);
+  void (*swiglu_bwd)(int dt, const void* dout, const void* a, const void* b, void* da, void* db, int64_t i0,
+                     int64_t i1, bool stream);
+  // Cross-entropy of fp32 rows [r0, r1) of (rows, V) logits: dst (may be src) = softmax - onehot(target)
+  // where in_range[row], loss[row] = logsumexp(src row) - src[target] (logsumexp alone where not in range).
+  void (*softmax_xent)(const float* src, float* dst, const int64_t* target, const bool* in_range, float* loss,
+                       int64_t r0, int64_t r1, int64_t V);
 };
 
 namespace DEFAULT { const KernelTable* kernel_table(); }

@@ -1,6 +1,6 @@
-// RMSNorm and RoPE on CPU with at::vec::Vectorized. Compiled once per ISA by kernels/build.py with
-// -DCPU_CAPABILITY=<ISA> -DCPU_CAPABILITY_<ISA> and that ISA's -m flags; everything lives in the
-// namespace llamactl_cpu::<ISA>. No torch Tensor, no static initialisers: the binding decides at run
+// RMSNorm, RoPE, SwiGLU and the softmax cross-entropy on CPU with at::vec::Vectorized. Compiled once per ISA
+// by kernels/build.py with -DCPU_CAPABILITY=<ISA> -DCPU_CAPABILITY_<ISA> and that ISA's -m flags;
+// everything lives in the namespace llamactl_cpu::<ISA>. No torch Tensor, no static initialisers: the binding decides at run
 // time which copy to call, so an AVX-512 instruction never runs on a host without AVX-512.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -430,6 +430,122 @@ void rope_t(const T* x, T* out, const float* cos, const float* sin, int64_t r0, 
   stream_fence(stream);
 }
 
+// SwiGLU gate silu(a) * b over elements [i0, i1) (a multiple of the block size, except at the end),
+// with torch's formulas (silu = a / (1 + exp(-a)), its derivative sig * (1 + a * (1 - sig))). In bf16
+// the intermediate values are rounded where the reference's separate ops round them, so the results
+// match it; the silu output is recomputed in the backward instead of being kept in memory.
+template <typename T>
+void swiglu_fwd_t(const T* a, const T* b, T* out, int64_t i0, int64_t i1, bool stream) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t N = Io<T>::N;
+  const V one(A(1));
+  const bool nt = stream && can_stream(out + i0);
+  V a0, a1, b0, b1;
+  for (int64_t i = i0; i < i1; i += N) {
+    const int64_t c = std::min<int64_t>(N, i1 - i);
+    load_any<T>(a + i, c, a0, a1);
+    load_any<T>(b + i, c, b0, b1);
+    V s0 = a0 / (one + a0.neg().exp());
+    V s1 = a1 / (one + a1.neg().exp());
+    if constexpr (kStaged<T>) {
+      s0 = round_bf16(s0);
+      s1 = round_bf16(s1);
+    }
+    store_out<T>(out + i, c, nt, s0 * b0, s1 * b1);
+  }
+  stream_fence(nt);
+}
+
+template <typename T>
+void swiglu_bwd_t(const T* dout, const T* a, const T* b, T* da, T* db, int64_t i0, int64_t i1, bool stream) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t N = Io<T>::N;
+  const V one(A(1));
+  const bool nt = stream && can_stream(da + i0) && can_stream(db + i0);
+  V d0, d1, a0, a1, b0, b1;
+  for (int64_t i = i0; i < i1; i += N) {
+    const int64_t c = std::min<int64_t>(N, i1 - i);
+    load_any<T>(dout + i, c, d0, d1);
+    load_any<T>(a + i, c, a0, a1);
+    load_any<T>(b + i, c, b0, b1);
+    const V e0 = one + a0.neg().exp(), e1 = one + a1.neg().exp();
+    const V sig0 = one / e0, sig1 = one / e1;
+    V s0 = a0 / e0, s1 = a1 / e1;  // the forward's silu, same ops
+    V g0 = d0 * b0, g1 = d1 * b1;  // d silu
+    if constexpr (kStaged<T>) {
+      s0 = round_bf16(s0);
+      s1 = round_bf16(s1);
+      g0 = round_bf16(g0);
+      g1 = round_bf16(g1);
+    }
+    store_out<T>(da + i, c, nt, g0 * sig0 * (one + a0 * (one - sig0)), g1 * sig1 * (one + a1 * (one - sig1)));
+    store_out<T>(db + i, c, nt, d0 * s0, d1 * s1);
+  }
+  stream_fence(nt);
+}
+
+// NaN-propagating max, as torch's amax: a NaN logit makes the row's loss NaN (the trainer stops on it).
+inline float max_nan(float a, float b) { return (b > a || std::isnan(b)) ? b : a; }
+
+// Softmax cross-entropy of fp32 rows [r0, r1) of a (rows, V) matrix: dst = softmax(src) - onehot(target)
+// (the one-hot only where in_range), loss[row] = log(sum exp(src - max)) - (src[target] - max), the picked
+// term 0 where not in range. dst may be src. A row (V = 32000: 125 KiB) stays in L2 between the max
+// pass, which reads it from memory, and the exp and scale passes.
+void softmax_xent(const float* src, float* dst, const int64_t* target, const bool* in_range, float* loss,
+                  int64_t r0, int64_t r1, int64_t V) {
+  using Vf = Vectorized<float>;
+  constexpr int64_t W = Vf::size();
+  alignas(64) float lanes[W];
+  for (int64_t row = r0; row < r1; ++row) {
+    const float* x = src + row * V;
+    float* y = dst + row * V;
+    Vf m0(-INFINITY), m1(-INFINITY);
+    int64_t i = 0;
+    for (; i + 2 * W <= V; i += 2 * W) {
+      m0 = at::vec::maximum(m0, Vf::loadu(x + i));
+      m1 = at::vec::maximum(m1, Vf::loadu(x + i + W));
+    }
+    at::vec::maximum(m0, m1).store(lanes);
+    float m = -INFINITY;
+    for (int64_t j = 0; j < W; ++j) m = max_nan(m, lanes[j]);
+    for (int64_t j = i; j < V; ++j) m = max_nan(m, x[j]);
+    const bool hit = in_range[row];
+    const float picked = hit ? x[target[row]] - m : 0.0f;  // read before dst (maybe x) is overwritten
+    const Vf vm(m);
+    // Two-level (cascade) sum: a naive running sum over 2000 terms per lane loses ~1e-6 relative,
+    // which the gradient e/s would inherit; partial sums of 512 elements keep it near torch.sum's.
+    constexpr int64_t kInner = 512;
+    Vf t0(0.0f), t1(0.0f);
+    for (i = 0; i + 2 * W <= V;) {
+      const int64_t stop = std::min(V - 2 * W, i + kInner - 2 * W);
+      Vf s0(0.0f), s1(0.0f);
+      for (; i <= stop; i += 2 * W) {
+        const Vf e0 = (Vf::loadu(x + i) - vm).exp();
+        const Vf e1 = (Vf::loadu(x + i + W) - vm).exp();
+        e0.store(y + i);
+        e1.store(y + i + W);
+        s0 = s0 + e0;
+        s1 = s1 + e1;
+      }
+      t0 = t0 + s0;
+      t1 = t1 + s1;
+    }
+    float s = hsum<float>(t0 + t1);
+    for (int64_t j = i; j < V; ++j) {
+      y[j] = std::exp(x[j] - m);
+      s += y[j];
+    }
+    const float inv = 1.0f / s;
+    const Vf vinv(inv);
+    for (i = 0; i + W <= V; i += W) (Vf::loadu(y + i) * vinv).store(y + i);
+    for (int64_t j = i; j < V; ++j) y[j] *= inv;
+    if (hit) y[target[row]] -= 1.0f;
+    loss[row] = std::log(s) - picked;
+  }
+}
+
 void rms_fwd(int dt, const void* x, const void* w, void* y, void* rstd, int64_t r0, int64_t r1, int64_t n,
              double eps, bool stream) {
   switch (dt) {
@@ -485,10 +601,37 @@ void rope(int dt, const void* x, void* out, const float* cos, const float* sin, 
   }
 }
 
+void swiglu_fwd(int dt, const void* a, const void* b, void* out, int64_t i0, int64_t i1, bool stream) {
+  switch (dt) {
+    case kF32:
+      return swiglu_fwd_t<float>((const float*)a, (const float*)b, (float*)out, i0, i1, stream);
+    case kBF16:
+      return swiglu_fwd_t<BFloat16>((const BFloat16*)a, (const BFloat16*)b, (BFloat16*)out, i0, i1, stream);
+    default:
+      return swiglu_fwd_t<double>((const double*)a, (const double*)b, (double*)out, i0, i1, stream);
+  }
+}
+
+void swiglu_bwd(int dt, const void* dout, const void* a, const void* b, void* da, void* db, int64_t i0, int64_t i1,
+                bool stream) {
+  switch (dt) {
+    case kF32:
+      return swiglu_bwd_t<float>((const float*)dout, (const float*)a, (const float*)b, (float*)da, (float*)db, i0,
+                                 i1, stream);
+    case kBF16:
+      return swiglu_bwd_t<BFloat16>((const BFloat16*)dout, (const BFloat16*)a, (const BFloat16*)b, (BFloat16*)da,
+                                    (BFloat16*)db, i0, i1, stream);
+    default:
+      return swiglu_bwd_t<double>((const double*)dout, (const double*)a, (const double*)b, (double*)da, (double*)db,
+                                  i0, i1, stream);
+  }
+}
+
 #define LLAMACTL_STR2(x) #x
 #define LLAMACTL_STR(x) LLAMACTL_STR2(x)
 // Constant-initialised (no code runs at load time in this object).
-constexpr KernelTable kTable{LLAMACTL_STR(CPU_CAPABILITY), &rms_fwd, &rms_bwd, &reduce_parts, &rope};
+constexpr KernelTable kTable{LLAMACTL_STR(CPU_CAPABILITY), &rms_fwd, &rms_bwd, &reduce_parts, &rope,
+                             &swiglu_fwd, &swiglu_bwd, &softmax_xent};
 
 }  // namespace
 

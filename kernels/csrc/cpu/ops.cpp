@@ -216,6 +216,86 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k
   return {qo, ko};
 }
 
+// Elementwise ops run over blocks of 64 elements (a multiple of every vector block), so each thread's
+// range starts vector-aligned where the tensor does.
+constexpr int64_t kElemBlock = 64;
+
+template <typename F>
+void over_elements(int64_t n, const F& f) {
+  at::parallel_for(0, (n + kElemBlock - 1) / kElemBlock, 512, [&](int64_t b, int64_t e) {
+    f(b * kElemBlock, std::min(n, e * kElemBlock));
+  });
+}
+
+void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.sizes() == b.sizes(), what, ": shapes ", a.sizes(), " and ", b.sizes(), " differ");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": dtypes ", a.scalar_type(), " and ", b.scalar_type(),
+              " differ");
+  dtype_code(a);
+}
+
+at::Tensor swiglu(const at::Tensor& a, const at::Tensor& b) {
+  check_pair(a, b, "swiglu");
+  auto ac = a.contiguous();
+  auto bc = b.contiguous();
+  auto out = empty_out(a.sizes(), a.options());
+  const KernelTable* k = table();
+  const int dt = dtype_code(a);
+  const bool nt = streamed(out.nbytes());
+  const void *ap = ac.data_ptr(), *bp = bc.data_ptr();
+  void* op = out.data_ptr();
+  over_elements(a.numel(), [&](int64_t i0, int64_t i1) { k->swiglu_fwd(dt, ap, bp, op, i0, i1, nt); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dout, const at::Tensor& a, const at::Tensor& b) {
+  check_pair(a, b, "swiglu backward");
+  check_pair(dout, a, "swiglu backward");
+  auto dc = dout.contiguous();
+  auto ac = a.contiguous();
+  auto bc = b.contiguous();
+  auto da = empty_out(a.sizes(), a.options());
+  auto db = empty_out(b.sizes(), b.options());
+  const KernelTable* k = table();
+  const int dt = dtype_code(a);
+  const bool nt = streamed(da.nbytes() + db.nbytes());
+  const void *dp = dc.data_ptr(), *ap = ac.data_ptr(), *bp = bc.data_ptr();
+  void *dap = da.data_ptr(), *dbp = db.data_ptr();
+  over_elements(a.numel(), [&](int64_t i0, int64_t i1) { k->swiglu_bwd(dt, dp, ap, bp, dap, dbp, i0, i1, nt); });
+  return {da, db};
+}
+
+// The cross-entropy of the fused LM head (parallel/head_loss.py) on one device: fp32 logits rows,
+// dst (may alias src) = softmax - onehot, returns the per-row loss. Rows where in_range is false get no
+// one-hot (ignored targets) and their target is not read.
+at::Tensor softmax_xent_(const at::Tensor& src, at::Tensor& dst, const at::Tensor& target, const at::Tensor& in_range) {
+  TORCH_CHECK(src.dim() == 2 && src.scalar_type() == at::kFloat && src.is_contiguous(),
+              "softmax_xent_: src must be contiguous (rows, V) float32");
+  TORCH_CHECK(dst.sizes() == src.sizes() && dst.scalar_type() == at::kFloat && dst.is_contiguous(),
+              "softmax_xent_: dst must be a contiguous float32 tensor shaped like src");
+  const int64_t rows = src.size(0), V = src.size(1);
+  auto t = target.reshape({-1}).to(at::kLong).contiguous();
+  auto hit = in_range.reshape({-1}).to(at::kBool).contiguous();
+  TORCH_CHECK(t.numel() == rows && hit.numel() == rows, "softmax_xent_: target and in_range need one entry per row");
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const bool* hp = hit.data_ptr<bool>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(!hp[r] || (tp[r] >= 0 && tp[r] < V), "softmax_xent_: target ", tp[r], " of row ", r,
+                " is outside [0, ", V, ")");
+  }
+  auto loss = at::empty({rows}, src.options());
+  if (rows == 0) return loss;
+  TORCH_CHECK(V > 0, "softmax_xent_: empty rows");
+  const KernelTable* k = table();
+  const float* sp = src.data_ptr<float>();
+  float* dp = dst.data_ptr<float>();
+  float* lp = loss.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / V), [&](int64_t b, int64_t e) {
+    k->softmax_xent(sp, dp, tp, hp, lp, b, e, V);
+  });
+  return loss;
+}
+
 std::string isa() { return table()->isa; }
 
 // How many threads one at::parallel_for in this library really uses: 1 if the binding was compiled
@@ -235,10 +315,14 @@ int64_t parallel_threads() {
 TORCH_LIBRARY(llamactl_cpu, m) {
   m.def("isa() -> str", &llamactl_cpu::isa);
   m.def("parallel_threads() -> int", &llamactl_cpu::parallel_threads);
+  m.def("softmax_xent_(Tensor src, Tensor(a!) dst, Tensor target, Tensor in_range) -> Tensor",
+        &llamactl_cpu::softmax_xent_);
 }
 
 TORCH_LIBRARY_IMPL(llamactl, CPU, m) {
   m.impl("rms_norm_fwd", &llamactl_cpu::rms_norm_fwd);
   m.impl("rms_norm_bwd", &llamactl_cpu::rms_norm_bwd);
   m.impl("rope", &llamactl_cpu::rope);
+  m.impl("swiglu", &llamactl_cpu::swiglu);
+  m.impl("swiglu_bwd", &llamactl_cpu::swiglu_bwd);
 }

@@ -25,4 +25,9 @@ cudaError_t rope(int dt_q, const void* q, void* q_out, int64_t hq, int dt_k, con
                  const float* cos, const float* sin, int64_t B, int64_t T, int64_t D, int64_t cs_b, int64_t cs_t,
                  int64_t ss_b, int64_t ss_t, bool inverse, cudaStream_t stream);
 
+// SwiGLU silu(a) * b over n elements, and its backward (da, db from dout, a, b).
+cudaError_t swiglu_fwd(int dt, const void* a, const void* b, void* out, int64_t n, cudaStream_t stream);
+cudaError_t swiglu_bwd(int dt, const void* dout, const void* a, const void* b, void* da, void* db, int64_t n,
+                       cudaStream_t stream);
+
 }  // namespace llamactl_cuda

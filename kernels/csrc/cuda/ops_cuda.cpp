@@ -1,5 +1,5 @@
 // CUDA binding: the llamactl:: ops (schemas in kernels/ops.py) for CUDA tensors. Built only when torch
-// has CUDA; the kernels themselves (rms_norm.cu, rope.cu) include no torch header.
+// has CUDA; the kernels themselves (rms_norm.cu, rope.cu, swiglu.cu) include no torch header.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -100,6 +100,39 @@ std::tuple<at::Tensor, at::Tensor> rope_op(const at::Tensor& q, const at::Tensor
   return {qo, ko};
 }
 
+void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), what, ": shapes/dtypes ", a.sizes(), " ",
+              a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type(), " differ");
+  dtype_code(a);
+}
+
+at::Tensor swiglu_op(const at::Tensor& a, const at::Tensor& b) {
+  check_pair(a, b, "swiglu");
+  c10::cuda::CUDAGuard guard(a.device());
+  auto ac = a.contiguous();
+  auto bc = b.contiguous();
+  auto out = at::empty(a.sizes(), a.options());
+  check(swiglu_fwd(dtype_code(a), ac.data_ptr(), bc.data_ptr(), out.data_ptr(), a.numel(),
+                   c10::cuda::getCurrentCUDAStream()),
+        "swiglu");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd_op(const at::Tensor& dout, const at::Tensor& a, const at::Tensor& b) {
+  check_pair(a, b, "swiglu backward");
+  check_pair(dout, a, "swiglu backward");
+  c10::cuda::CUDAGuard guard(a.device());
+  auto dc = dout.contiguous();
+  auto ac = a.contiguous();
+  auto bc = b.contiguous();
+  auto da = at::empty(a.sizes(), a.options());
+  auto db = at::empty(b.sizes(), b.options());
+  check(swiglu_bwd(dtype_code(a), dc.data_ptr(), ac.data_ptr(), bc.data_ptr(), da.data_ptr(), db.data_ptr(), a.numel(),
+                   c10::cuda::getCurrentCUDAStream()),
+        "swiglu backward");
+  return {da, db};
+}
+
 }  // namespace
 }  // namespace llamactl_cuda
 
@@ -107,4 +140,6 @@ TORCH_LIBRARY_IMPL(llamactl, CUDA, m) {
   m.impl("rms_norm_fwd", &llamactl_cuda::rms_norm_fwd_op);
   m.impl("rms_norm_bwd", &llamactl_cuda::rms_norm_bwd_op);
   m.impl("rope", &llamactl_cuda::rope_op);
+  m.impl("swiglu", &llamactl_cuda::swiglu_op);
+  m.impl("swiglu_bwd", &llamactl_cuda::swiglu_bwd_op);
 }
