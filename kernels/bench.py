@@ -1,5 +1,6 @@
 """Benchmark of the fused kernels against eager and torch.compile'd reference (and apex / Liger-Kernel
-where importable), forward and forward+backward, for Llama shapes (hidden 4096 / 8192, head_dim 128).
+where importable), forward and forward+backward, for Llama shapes (hidden 4096 / 8192, head_dim 128,
+feed-forward 11008 / 28672 for SwiGLU).
 
 Every implementation of a case is timed alternately in the same loop (median of `reps`), so a noisy
 machine slows all of them alike. GB/s counts the bytes an implementation must move at least (read the
@@ -139,11 +140,30 @@ def _peers_rope(device) -> dict[str, Callable]:
     return peers
 
 
+def _peers_swiglu(device) -> dict[str, Callable]:
+    peers = {}
+    if device.type != "cuda":
+        return peers
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        peers["liger"] = LigerSiLUMulFunction.apply
+    except Exception:
+        pass
+    return peers
+
+
+OPS = {  # op -> (reference, fused, peers, label in the table)
+    "rms_norm": (reference.rms_norm, ops.rms_norm, _peers_rms, "rms"),
+    "rope": (reference.apply_rope, ops.apply_rope, _peers_rope, "rope"),
+    "swiglu": (reference.swiglu, ops.swiglu, _peers_swiglu, "swiglu"),
+}
+
+
 def _impls(op: str, device) -> dict[str, Callable]:
-    ref = reference.rms_norm if op == "rms_norm" else reference.apply_rope
-    fused = ops.rms_norm if op == "rms_norm" else ops.apply_rope
+    ref, fused, peers, _ = OPS[op]
     impls = {"eager": ref, "compile": torch.compile(ref, dynamic=False), "fused": fused}
-    impls.update(_peers_rms(device) if op == "rms_norm" else _peers_rope(device))
+    impls.update(peers(device))
     return impls
 
 
@@ -161,6 +181,12 @@ def rope_cases(dtypes, target_bytes: int):
             yield name, hq, hk, tokens, dt
 
 
+def swiglu_cases(dtypes, target_bytes: int):
+    for name, ffn in (("7b", 11008), ("70b", 28672)):
+        for dt in dtypes:
+            yield name, ffn, max(1, target_bytes // (ffn * torch.finfo(dt).bits // 8)), dt
+
+
 def run(device: str | None = None, dtypes=("float32", "bfloat16"), target_mb: int = 64, reps: int = 7,
         progress=None) -> tuple[float, list[Result]]:
     """Returns (copy GB/s, results). progress(msg) is told what runs."""
@@ -175,7 +201,7 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), target_mb: in
     copy = copy_bandwidth(dev)
     results: list[Result] = []
     eps = 1e-5
-    rms_impls, rope_impls = _impls("rms_norm", dev), _impls("rope", dev)
+    rms_impls, rope_impls, swiglu_impls = _impls("rms_norm", dev), _impls("rope", dev), _impls("swiglu", dev)
     g = torch.Generator(device=dev).manual_seed(0)
     for hidden, rows, dt in rms_cases(dts, target_mb * MB):
         x = torch.randn(rows, hidden, device=dev, generator=g).to(dt)
@@ -216,6 +242,21 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), target_mb: in
         ms = _time_alternating(fns, dev, reps, 4 * qk + tables)
         results.append(Result("rope", shape, SHORT[dt], "fwd+bwd", 4 * qk + tables, ms))
         del q, k, dq, dk, qg, kg
+    for name, ffn, rows, dt in swiglu_cases(dts, target_mb * MB):
+        a, b = [torch.randn(rows, ffn, device=dev, generator=g).to(dt) for _ in range(2)]
+        dy = torch.randn(rows, ffn, device=dev, generator=g).to(dt)
+        n = a.numel() * a.element_size()
+        shape = f"{name} {rows}x{ffn}"
+        say(f"swiglu {shape} {SHORT[dt]} fwd")
+        with torch.no_grad():  # read a and b, write the product
+            ms = _time_alternating({kk: (lambda f=f: f(a, b)) for kk, f in swiglu_impls.items()}, dev, reps, 3 * n)
+        results.append(Result("swiglu", shape, SHORT[dt], "fwd", 3 * n, ms))
+        say(f"swiglu {shape} {SHORT[dt]} fwd+bwd")
+        ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+        fns = {kk: _fwd_bwd(f, (ag, bg), (dy,)) for kk, f in swiglu_impls.items()}
+        ms = _time_alternating(fns, dev, reps, 8 * n)  # + read dy, a, b, write da, db
+        results.append(Result("swiglu", shape, SHORT[dt], "fwd+bwd", 8 * n, ms))
+        del a, b, dy, ag, bg
     return copy, results
 
 
@@ -223,7 +264,7 @@ def table_rows(copy: float, results: list[Result]) -> list[list[str]]:
     rows = []
     for r in results:
         for i, (impl, ms) in enumerate(r.ms.items()):
-            case = f"{'rms' if r.op == 'rms_norm' else 'rope'} {r.shape} {r.dtype} {r.mode}" if i == 0 else ""
+            case = f"{OPS[r.op][3]} {r.shape} {r.dtype} {r.mode}" if i == 0 else ""
             rows.append([case, impl, f"{ms:.2f}", f"{r.gbs(impl):.1f}", f"{100 * r.of_copy(impl):.0f}%",
                          f"{r.ms['eager'] / ms:.2f}", f"{r.ms['compile'] / ms:.2f}"])
     return rows
@@ -240,7 +281,7 @@ def summary(copy: float, results: list[Result], device: str) -> list[str]:
         rs = [r for r in results if r.op == op and r.mode == mode]
         return min(rs, key=key) if rs else None
 
-    for op, mode in (("rms_norm", "fwd"), ("rms_norm", "fwd+bwd"), ("rope", "fwd"), ("rope", "fwd+bwd")):
+    for op, mode in [(op, mode) for op in OPS for mode in ("fwd", "fwd+bwd")]:
         for peer in ("eager", "compile"):
             r = worst(op, mode, lambda r: r.ms[peer] / r.ms["fused"])
             if r is None:
@@ -256,7 +297,7 @@ def summary(copy: float, results: list[Result], device: str) -> list[str]:
 
 
 def n_steps(dtypes) -> int:
-    return 1 + 2 * 2 * len(dtypes) + 2 * 2 * len(dtypes)  # copy, rms (2 hidden), rope (2 models); fwd + fwd+bwd
+    return 1 + 3 * 2 * 2 * len(dtypes)  # copy; rms (2 hidden), rope, swiglu (2 models each); fwd + fwd+bwd
 
 
 def report(console, *, device: str | None = None, dtypes=("float32", "bfloat16"), target_mb: int = 64, reps: int = 7,

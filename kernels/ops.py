@@ -97,3 +97,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def apply_rope(q, k, cos, sin):
     return torch.ops.llamactl.rope(q, k, cos, sin, False)
+
+
+def swiglu(a, b):
+    return torch.ops.llamactl.swiglu(a, b)

@@ -335,7 +335,7 @@ def bench_kernels(
     no_malloc_tune: bool = typer.Option(False, "--no-malloc-tune",
                                         help="Keep glibc's default malloc (large outputs faulted in page by page)."),
 ):
-    """Fused RMSNorm/RoPE vs eager and torch.compile (GB/s against the measured copy bandwidth)."""
+    """Fused RMSNorm/RoPE/SwiGLU vs eager and torch.compile (GB/s against the measured copy bandwidth)."""
     from llamactl.kernels.bench import DTYPES, report
     from llamactl.ui import progress
 

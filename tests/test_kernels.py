@@ -186,17 +186,31 @@ def test_rope_shape_errors(fused_cpu):
 @pytest.mark.parametrize("shape", [(1,), (17,), (3, 64), (5, 7, 97), (2, 1536)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_swiglu_matches_reference(fused_cpu, shape, dtype):
-    """Forward and d b are the reference's bits (same formulas, same rounding points); d a within 1e-6 (fp32,
-    the compiler may contract a multiply-add), bit-exact in bf16."""
+    """fp32/fp64: forward and d b are the reference's bits (same formulas, same rounding points), d a within
+    1e-6 (the compiler may contract a multiply-add). bf16 (fast exp, rounded where the reference rounds):
+    at most one bf16 step off, and on only a few elements."""
     g = torch.Generator().manual_seed(sum(shape))
     a, b, dy = [(torch.randn(shape, generator=g) * 4).to(dtype) for _ in range(3)]
     y, (da, db) = _grads(K.swiglu, (a, b), dy)
     yr, (rda, rdb) = _grads(R.swiglu, (a, b), dy)
-    assert torch.equal(y, yr) and torch.equal(db, rdb)
     if dtype == torch.bfloat16:
-        assert torch.equal(da, rda)
-    else:
-        torch.testing.assert_close(da, rda, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-12)
+        for got, want in ((y, yr), (da, rda), (db, rdb)):
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
+            assert (got != want).float().mean() <= 0.01
+        return
+    assert torch.equal(y, yr) and torch.equal(db, rdb)
+    torch.testing.assert_close(da, rda, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_swiglu_bf16_mostly_exact_on_a_large_tensor(fused_cpu):
+    """The fast exp moves fewer than 1 in 10,000 bf16 results by one step against the reference."""
+    g = torch.Generator().manual_seed(0)
+    a, b, dy = [(torch.randn(1 << 18, generator=g) * 4).bfloat16() for _ in range(3)]
+    y, (da, db) = _grads(K.swiglu, (a, b), dy)
+    yr, (rda, rdb) = _grads(R.swiglu, (a, b), dy)
+    for got, want in ((y, yr), (da, rda), (db, rdb)):
+        assert (got != want).float().mean() < 1e-4
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
 
 
 def test_swiglu_saves_only_its_inputs(fused_cpu):
