@@ -529,6 +529,20 @@ def test_bench_summary_lines_have_the_common_format():
     assert len(table_rows(10.0, res)) == 16
 
 
+def test_bench_runs_every_op_on_small_cases(fused_cpu, monkeypatch):
+    """The benchmark's plumbing end to end on 1 MiB cases (torch.compile replaced by the eager function so
+    the test does not spend its time compiling; no timing is asserted)."""
+    from llamactl.kernels import bench
+
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1.0)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    copy, res = bench.run("cpu", ("float32", "bfloat16"), target_mb=1, reps=1)
+    got = {(r.op, r.dtype, r.mode) for r in res}
+    assert got == {(op, dt, m) for op in bench.OPS for dt in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")}
+    assert all(set(r.ms) >= {"copy", "eager", "compile", "fused"} and min(r.ms.values()) > 0 for r in res)
+    assert sum(ln.startswith("swiglu") for ln in bench.summary(copy, res, "cpu")) == 4
+
+
 def test_cli_bench_kernels_rejects_bad_dtype(capsys):
     from llamactl.cli import main
 
