@@ -35,7 +35,7 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
     const A x = to_acc(a[i]), d = to_acc(dout[i]);
     const A e = A(1) + exp_neg(x);
     const A sig = A(1) / e;
-    const A s = rounded<T>(x / e);
+    const A s = rounded<T>(x * sig);
     const A g = rounded<T>(d * to_acc(b[i]));
     da[i] = from_acc<T>(g * sig * (A(1) + x * (A(1) - sig)));
     db[i] = from_acc<T>(d * s);
