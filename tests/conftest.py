@@ -46,3 +46,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- fused kernels (kernels owner) ------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def fused_cpu():
+    """Build (or load from the cache) the CPU extension once; the public API must pick it. A failed build
+    fails the tests that use this instead of letting them test the reference."""
+    import os
+
+    from llamactl.kernels import build, dispatch
+
+    os.environ.pop("LLAMACTL_KERNELS", None)
+    build.ensure("cpu")
+    dispatch.reset()
+    assert dispatch.backend("cpu").fused
+    return torch.ops.llamactl_cpu.isa()

@@ -132,13 +132,12 @@ def _xent_case(rows, vocab, seed=0):
 
 
 @pytest.mark.parametrize("rows,vocab", [(13, 1), (13, 7), (9, 37), (5, 1000), (4, 32000), (3, 4097)])
-def test_native_xent_equals_torch_ops(monkeypatch, rows, vocab):
+def test_native_xent_equals_torch_ops(fused_cpu, monkeypatch, rows, vocab):
     """Same results as the chunked torch-op path (and a float64 reference), in place and out of place."""
     from llamactl.parallel import tensor as tp_mod
 
     x, lt, in_range = _xent_case(rows, vocab)
-    if not tp_mod._native_xent(x, x):
-        pytest.skip("the fused CPU kernels are not built here")
+    assert tp_mod._native_xent(x, x)  # fp32 CPU rows take the native path once the kernels are built
     got = x.clone()
     loss = tp_mod.softmax_xent_(got, got, lt, in_range, None)
     out = torch.empty_like(x)
@@ -158,13 +157,12 @@ def test_native_xent_equals_torch_ops(monkeypatch, rows, vocab):
     torch.testing.assert_close(got.double(), ref_grad, rtol=0, atol=3e-7)
 
 
-def test_native_xent_runs_in_the_fused_head(monkeypatch):
+def test_native_xent_runs_in_the_fused_head(fused_cpu, monkeypatch):
     """On CPU with the fused kernels the head's cross-entropy goes through the native op."""
     from llamactl.parallel import tensor as tp_mod
 
     head, h, target = _setup(vocab=37)
-    if not tp_mod._native_xent(h, h):
-        pytest.skip("the fused CPU kernels are not built here")
+    assert tp_mod._native_xent(h, h)  # fp32 CPU rows take the native path once the kernels are built
     calls = []
     real = torch.ops.llamactl_cpu.softmax_xent_
 
@@ -178,12 +176,11 @@ def test_native_xent_runs_in_the_fused_head(monkeypatch):
     assert calls
 
 
-def test_native_xent_rejects_bad_input():
+def test_native_xent_rejects_bad_input(fused_cpu):
     from llamactl.parallel import tensor as tp_mod
 
     x, lt, in_range = _xent_case(3, 11)
-    if not tp_mod._native_xent(x, x):
-        pytest.skip("the fused CPU kernels are not built here")
+    assert tp_mod._native_xent(x, x)  # fp32 CPU rows take the native path once the kernels are built
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.llamactl_cpu.softmax_xent_(x, x.clone(), torch.full_like(lt, 11), in_range)
     with pytest.raises(RuntimeError, match="one entry per row"):

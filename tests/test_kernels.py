@@ -1,7 +1,7 @@
 """Fused RMSNorm / RoPE / SwiGLU against the reference (kernels/reference.py), forward and backward.
 
 The CPU extension is built once per session (cached under LLAMACTL_KERNEL_CACHE or ~/.cache) by the
-`fused_cpu` fixture; a failed build fails these tests instead of silently testing the reference.
+`fused_cpu` fixture (conftest.py); a failed build fails these tests instead of silently testing the reference.
 """
 from __future__ import annotations
 
@@ -22,16 +22,6 @@ from llamactl.kernels import build, dispatch, reference as R
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_DIR = REPO / "kernels" / "csrc" / "cuda"
-
-
-@pytest.fixture(scope="session")
-def fused_cpu():
-    """Build (or load from the cache) the CPU extension once; the public API must pick it."""
-    os.environ.pop("LLAMACTL_KERNELS", None)
-    build.ensure("cpu")
-    dispatch.reset()
-    assert dispatch.backend("cpu").fused
-    return torch.ops.llamactl_cpu.isa()
 
 
 def _rms_truth(x, w, eps):
