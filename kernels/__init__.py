@@ -1,10 +1,11 @@
-"""Fused RMSNorm, RoPE and SwiGLU: one entry point per op, the backend picked per device.
+"""Fused RMSNorm, RoPE, SwiGLU and causal attention: one entry point per op, the backend picked per device.
 
 Backend order: CUDA extension (CUDA tensors) > native CPU extension (CPU tensors) > reference
 (`kernels/dispatch.py`). `LLAMACTL_KERNELS=reference` forces the reference. The first use on a device
 builds the extension if it is not cached (kernels/build.py) and logs once which backend runs and why.
 The fused paths take float32, bfloat16 and float64 (weight in the dtype of x); anything else runs the
-reference. Both directions of autograd are fused (kernels/ops.py registers them as torch custom ops,
+reference. Causal attention has a CPU kernel only (fp32/fp64; elsewhere torch's SDPA, flash attention on
+CUDA). Both directions of autograd are fused (kernels/ops.py registers them as torch custom ops,
 so torch.compile traces through them).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llamactl.kernels import reference
-from llamactl.kernels.dispatch import backend, use_fused
+from llamactl.kernels.dispatch import attention_fused, backend, use_fused
 from llamactl.kernels.reference import rope_tables
 
 
@@ -37,4 +38,13 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return reference.swiglu(a, b)
 
 
-__all__ = ["rms_norm", "apply_rope", "swiglu", "rope_tables", "backend"]
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention, scale 1/sqrt(D): q (B, H, T, D), k and v (B, Hkv, T, D) with H a multiple of
+    Hkv (GQA: query head h reads kv head h // (H / Hkv)). The output has q's memory layout, so for q viewed
+    from (B, T, H, D) its transpose back to (B, T, H*D) is free."""
+    if attention_fused(q.device.type, q.dtype) and k.dtype == v.dtype == q.dtype:
+        return torch.ops.llamactl.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
+    return reference.causal_attention(q, k, v)
+
+
+__all__ = ["rms_norm", "apply_rope", "swiglu", "causal_attention", "rope_tables", "backend"]

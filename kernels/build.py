@@ -8,9 +8,9 @@ next one; `<key>.lock` (pid, host, time) serialises concurrent builds of one key
 and a lock whose process is dead, or that is older than LLAMACTL_KERNEL_LOCK_MINUTES (20), is stale
 and removed.
 
-CPU: csrc/cpu/kernels_isa.cpp is compiled three times (DEFAULT, AVX2, AVX-512 flags) by a small ninja
-file; the binding (csrc/cpu/ops.cpp, no ISA flags, linked first so shared inline code comes from the
-baseline object) picks the table the host supports at run time.
+CPU: each csrc/cpu/*_isa.cpp (kernels, attention softmax) is compiled three times (DEFAULT, AVX2,
+AVX-512 flags) by a small ninja file; the bindings (the other .cpp files, no ISA flags, linked first so
+shared inline code comes from the baseline object) pick the table the host supports at run time.
 CUDA: csrc/cuda/*.cu (no torch headers) + the binding ops_cuda.cpp, built only when torch has CUDA.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_NAME, CUDA_NAME = "llamactl_kernels_cpu", "llamactl_kernels_cuda"
 COMMON_CFLAGS = ["-O3", "-ffp-contract=off"]  # torch adds -std=c++20 to its own compiles
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-ISA_FLAGS = {  # name -> compiler flags of that copy of kernels_isa.cpp
+ISA_FLAGS = {  # name -> compiler flags of that copy of each *_isa.cpp
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
     "AVX2": ["-DCPU_CAPABILITY=AVX2"] + (["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"] if _X86 else []),
     "AVX512": ["-DCPU_CAPABILITY=AVX512"] + (["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -188,19 +188,19 @@ def _check_compiler() -> None:
 
 
 def _isa_objects(tmp: Path, log: Path) -> list[Path]:
-    """Compile kernels_isa.cpp once per ISA with a tiny ninja file (per-file flags)."""
+    """Compile each csrc/cpu/*_isa.cpp once per ISA with a tiny ninja file (per-file flags)."""
     from torch.utils.cpp_extension import include_paths
 
-    src = CSRC / "cpu" / "kernels_isa.cpp"
     base = COMMON_CFLAGS + ["-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                             f"-I{CSRC / 'cpu'}"] + [f"-I{p}" for p in include_paths()]
     lines = ["ninja_required_version = 1.3", f"cxx = {cxx()}", "rule cc",
              "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out", "  depfile = $out.d", "  deps = gcc"]
     objs = []
-    for isa, flags in ISA_FLAGS.items():
-        obj = tmp / f"kernels_{isa.lower()}.o"
-        objs.append(obj)
-        lines += [f"build {obj}: cc {src}", "  cflags = " + " ".join(base + flags)]
+    for src in sorted((CSRC / "cpu").glob("*_isa.cpp")):
+        for isa, flags in ISA_FLAGS.items():
+            obj = tmp / f"{src.stem}_{isa.lower()}.o"
+            objs.append(obj)
+            lines += [f"build {obj}: cc {src}", "  cflags = " + " ".join(base + flags)]
     (tmp / "isa").mkdir(exist_ok=True)
     (tmp / "isa" / "build.ninja").write_text("\n".join(lines) + "\n")
     r = subprocess.run([_ninja(), "-C", str(tmp / "isa")], capture_output=True, text=True)
@@ -222,7 +222,7 @@ def _build(kind: str, tmp: Path, log: Path) -> None:
     _ninja()
     if kind == "cpu":
         objs = _isa_objects(tmp, log)
-        kw = dict(name=CPU_NAME, sources=[str(CSRC / "cpu" / "ops.cpp")],
+        kw = dict(name=CPU_NAME, sources=[str(p) for p in _sources("cpu") if p.suffix == ".cpp" and not p.stem.endswith("_isa")],
                   extra_cflags=COMMON_CFLAGS + OPENMP_FLAGS, extra_ldflags=[str(o) for o in objs] + OPENMP_FLAGS,
                   extra_include_paths=[str(CSRC / "cpu")], with_cuda=False)
     else:

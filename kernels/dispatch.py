@@ -92,6 +92,26 @@ def use_fused(device_type: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> b
     return x_dtype in FUSED_DTYPES and w_dtype == x_dtype and backend(device_type).fused
 
 
+def attention_fused(device_type: str, dtype: torch.dtype) -> bool:
+    """The CPU attention kernel: fp32/fp64 (bf16 on CPU and every CUDA dtype run torch's SDPA), and only
+    where torch exports the BLAS symbols it calls."""
+    if device_type != "cpu" or dtype not in (torch.float32, torch.float64) or not backend("cpu").fused:
+        return False
+    return _has_blas()
+
+
+def _has_blas() -> bool:
+    if "blas" not in _CHOSEN_BLAS:
+        _CHOSEN_BLAS["blas"] = ok = bool(torch.ops.llamactl_cpu.has_blas())
+        if not ok:
+            _say("causal attention uses torch's SDPA: this torch exports no sgemm_/dgemm_ for the CPU kernel")
+    return _CHOSEN_BLAS["blas"]
+
+
+_CHOSEN_BLAS: dict[str, bool] = {}
+
+
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (~3 s) in every
 # process that never compiles.
 use_fused._dynamo_marked_constant = True
+attention_fused._dynamo_marked_constant = True

@@ -9,6 +9,10 @@ implementations give output shapes without running anything) and autograd knows 
   llamactl::rope(q, k, cos, sin, inverse) -> (q_out, k_out) inverse=True rotates by -angle (backward)
   llamactl::swiglu(a, b) -> silu(a) * b                    saves a and b only (silu recomputed)
   llamactl::swiglu_bwd(dout, a, b) -> (da, db)
+  llamactl::causal_attention(q, k, v, scale) -> (out, lse)  q (B, H, T, D), k/v (B, Hkv, T, D); lse (B, H, T)
+  llamactl::causal_attention_bwd(dout, q, k, v, out, lse, scale) -> (dq, dk, dv)
+
+causal_attention has a CPU kernel only (fp32, fp64); CUDA runs torch's own flash attention (reference).
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ torch.library.define("llamactl::rms_norm_bwd", "(Tensor dy, Tensor x, Tensor wei
 torch.library.define("llamactl::rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)")
 torch.library.define("llamactl::swiglu", "(Tensor a, Tensor b) -> Tensor")
 torch.library.define("llamactl::swiglu_bwd", "(Tensor dout, Tensor a, Tensor b) -> (Tensor, Tensor)")
+torch.library.define("llamactl::causal_attention", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
+torch.library.define("llamactl::causal_attention_bwd",
+                     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+                     "-> (Tensor, Tensor, Tensor)")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -49,6 +57,16 @@ def _swiglu_fake(a, b):
 @torch.library.register_fake("llamactl::swiglu_bwd")
 def _swiglu_bwd_fake(dout, a, b):
     return torch.empty(a.shape, dtype=a.dtype, device=a.device), torch.empty(b.shape, dtype=b.dtype, device=b.device)
+
+
+@torch.library.register_fake("llamactl::causal_attention")
+def _causal_attention_fake(q, k, v, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+
+@torch.library.register_fake("llamactl::causal_attention_bwd")
+def _causal_attention_bwd_fake(dout, q, k, v, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -86,9 +104,22 @@ def _swiglu_backward(ctx, dout):
     return torch.ops.llamactl.swiglu_bwd(dout, a, b)
 
 
+def _attn_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _attn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.llamactl.causal_attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
 torch.library.register_autograd("llamactl::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
 torch.library.register_autograd("llamactl::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
 torch.library.register_autograd("llamactl::rope", _rope_backward, setup_context=_rope_setup)
+torch.library.register_autograd("llamactl::causal_attention", _attn_backward, setup_context=_attn_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,6 +6,7 @@ Numerics follow Meta's reference implementation:
   halves of the head dim,  out = [x1*cos - x2*sin, x2*cos + x1*sin], computed in fp32, cast back.
   Its backward is the same rotation with sin negated.
   swiglu:    silu(a) * b, the gate of the feed-forward w2(silu(w1 x) * w3 x).
+  causal_attention: softmax(q k^T / sqrt(D) + causal mask) v, kv heads shared by groups of query heads (GQA).
 """
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
+
+
+def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hkv*rep, S, D): kv head j serves query heads j*rep .. j*rep+rep-1 (GQA)."""
+    if rep == 1:
+        return x
+    b, hk, s, d = x.shape
+    return x[:, :, None].expand(b, hk, rep, s, d).reshape(b, hk * rep, s, d)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, D) over k, v (B, Hkv, T, D); query head h uses kv head h // (H / Hkv)."""
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), is_causal=True)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
-from llamactl.kernels import apply_rope, rms_norm, rope_tables, swiglu
+from llamactl.kernels import apply_rope, causal_attention, rms_norm, rope_tables, swiglu
+from llamactl.kernels.reference import repeat_kv
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.pipeline import stage_layers
 from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
@@ -95,15 +96,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
-        rep = self.n_local_heads // self.n_local_kv
-        if rep > 1:
-            s = k.shape[2]
-            k = k[:, :, None].expand(b, self.n_local_kv, rep, s, self.head_dim).reshape(b, -1, s, self.head_dim)
-            v = v[:, :, None].expand(b, self.n_local_kv, rep, s, self.head_dim).reshape(b, -1, s, self.head_dim)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is None and t > 1:  # causal self-attention over these t tokens (training, prefill)
+            out = causal_attention(q, k, v)
+        else:  # one new token (it sees every cached key), or an explicit mask (offset, padding)
+            rep = self.n_local_heads // self.n_local_kv
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -301,6 +301,8 @@ CHECK = """
     cos, sin = R.rope_tables(18, 3)
     torch.testing.assert_close(K.rms_norm(x, w), R.rms_norm(x, w), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(K.apply_rope(q, k, cos, sin), R.apply_rope(q, k, cos, sin), rtol=1e-6, atol=1e-6)
+    a, b = torch.randn(2, 4, 70, 8), torch.randn(2, 2, 70, 8)
+    torch.testing.assert_close(K.causal_attention(a, b, b), R.causal_attention(a, b, b), rtol=1e-5, atol=2e-6)
     print("BACKEND", K.backend("cpu").name)
 """
 

@@ -41,6 +41,9 @@ struct KernelTable {
                        int64_t r0, int64_t r1, int64_t V);
 };
 
+// The ISA the bindings run (0 DEFAULT, 1 AVX2, 2 AVX-512): the host's best, capped by LLAMACTL_CPU_ISA.
+int chosen_isa();
+
 namespace DEFAULT { const KernelTable* kernel_table(); }
 namespace AVX2 { const KernelTable* kernel_table(); }
 namespace AVX512 { const KernelTable* kernel_table(); }

@@ -22,6 +22,29 @@
 #endif
 
 namespace llamactl_cpu {
+
+int chosen_isa() {
+  static const int isa = [] {
+    int cap = 2;
+    if (const char* s = std::getenv("LLAMACTL_CPU_ISA"); s && *s) {
+      std::string v(s);
+      for (auto& ch : v) ch = (char)std::tolower(ch);
+      cap = v == "default" ? 0 : v == "avx2" ? 1 : 2;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("fma");
+    const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    const bool has512 = false, has2 = false;
+#endif
+    return has512 && cap >= 2 ? 2 : has2 && cap >= 1 ? 1 : 0;
+  }();
+  return isa;
+}
+
 namespace {
 
 // Outputs are fresh allocations; glibc serves large ones with new mmap'd pages, and faulting those in
@@ -65,29 +88,12 @@ bool streamed(size_t out_bytes) {
   return limit >= 0 && int64_t(out_bytes) >= limit;
 }
 
-int rank_of(const char* s) {
-  if (!s || !*s) return 2;
-  std::string v(s);
-  for (auto& ch : v) ch = (char)std::tolower(ch);
-  if (v == "default") return 0;
-  if (v == "avx2") return 1;
-  return 2;
-}
-
 const KernelTable* pick_table() {
-  int cap = rank_of(std::getenv("LLAMACTL_CPU_ISA"));
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("fma");
-  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  const bool has512 = false, has2 = false;
-#endif
-  if (has512 && cap >= 2) return AVX512::kernel_table();
-  if (has2 && cap >= 1) return AVX2::kernel_table();
-  return DEFAULT::kernel_table();
+  switch (chosen_isa()) {
+    case 2: return AVX512::kernel_table();
+    case 1: return AVX2::kernel_table();
+    default: return DEFAULT::kernel_table();
+  }
 }
 
 const KernelTable* table() {
