@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from llamactl.parallel.buffers import reusable, scratch
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.tensor import copy_to_tp, reduce_grad_over, softmax_xent_, target_slots
 
@@ -26,20 +27,12 @@ from llamactl.parallel.tensor import copy_to_tp, reduce_grad_over, softmax_xent_
 BLOCK_LOGITS = 1 << 25
 
 
-_WORKSPACE: dict[torch.device, torch.Tensor] = {}
-
-
 def _logits_block(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 logits xs @ w.T. On CPU they go to one scratch buffer kept across calls: glibc hands every
-    fresh tensor this large out as new pages, faulted in one by one (~30k faults per step for the small
-    preset), where a GPU's caching allocator would simply reuse the block."""
+    """fp32 logits xs @ w.T, on CPU into one scratch block kept across calls (parallel/buffers.py)."""
     if xs.device.type != "cpu" or w.dtype != torch.float32:
         return torch.mm(xs, w.t()).float()
-    need = xs.shape[0] * w.shape[0]
-    buf = _WORKSPACE.get(xs.device)
-    if buf is None or buf.numel() < need:
-        buf = _WORKSPACE[xs.device] = torch.empty(need, dtype=torch.float32, device=xs.device)
-    return torch.mm(xs, w.t(), out=buf[:need].view(xs.shape[0], w.shape[0]))
+    out = scratch("lm_head.logits", xs.shape[0] * w.shape[0], torch.float32, xs.device)
+    return torch.mm(xs, w.t(), out=out.view(xs.shape[0], w.shape[0]))
 
 
 def _gemm_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
@@ -63,7 +56,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         rows = block_rows or max(8, BLOCK_LOGITS // max(1, n_local))
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dx = torch.empty_like(x) if want_h else None
-        dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        dw = reusable("lm_head.dw", weight.shape, torch.float32, weight.device) if want_w else None
         if dw is not None and n == 0:
             dw.zero_()
         with torch.autocast(device_type=h.device.type, enabled=False):

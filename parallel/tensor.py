@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from llamactl.parallel.buffers import reusable
 from llamactl.parallel.context import ParallelContext
 
 
@@ -176,6 +178,32 @@ class RowParallelLinear(nn.Module):
         return reduce_from_tp(F.linear(x, self.weight), self.ctx)
 
 
+class _CPULookup(torch.autograd.Function):
+    """F.embedding whose dense (vocab x dim) weight gradient goes to a reused CPU block (parallel/buffers.py)
+    instead of fresh pages every step; rows are summed with index_add_ in token order (deterministic)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight_shape = weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (ids,) = ctx.saved_tensors
+        n, dim = ctx.weight_shape
+        dw = reusable("embedding.dw", (n, dim), g.dtype, g.device).zero_()
+        dw.index_add_(0, ids.reshape(-1), g.reshape(-1, dim))
+        return None, dw
+
+
+def _lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if ids.device.type == "cpu" and weight.requires_grad and not torch.compiler.is_compiling():
+        return _CPULookup.apply(ids, weight)
+    return F.embedding(ids, weight)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split over tp: out-of-range ids give zeros, then all-reduce."""
 
@@ -192,10 +220,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp == 1:
-            return F.embedding(ids, self.weight)
+            return _lookup(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = _lookup(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.ctx)
 
 
