@@ -10,25 +10,13 @@
 #include <limits>
 
 #include "attention.h"
-
-#ifndef CPU_CAPABILITY
-#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
-#endif
+#include "isa_common.h"
 
 namespace llamactl_cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename T>
-inline T lanes_sum(const Vectorized<T>& v) {  // fixed lane order: deterministic
-  alignas(64) T t[Vectorized<T>::size()];
-  v.store(t);
-  T s = 0;
-  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) s += t[i];
-  return s;
-}
 
 template <typename T>
 inline T lanes_max(const Vectorized<T>& v) {
@@ -62,7 +50,7 @@ void softmax_fwd_t(T* s, int64_t m, int64_t n, int64_t q0, T scale, T* lse) {
       e.store(row + i);
       acc = acc + e;
     }
-    T sum = lanes_sum(acc);
+    T sum = hsum(acc);
     for (int64_t j = i; j < c; ++j) {
       row[j] = std::exp((row[j] - mx) * scale);
       sum += row[j];
@@ -92,7 +80,7 @@ void softmax_bwd_t(T* s, T* dp, int64_t m, int64_t n, int64_t q0, T scale, const
     V dacc(T(0));
     int64_t d = 0;
     for (; d + W <= D; d += W) dacc = dacc + V::loadu(orow + d) * V::loadu(grow + d);
-    T delta = lanes_sum(dacc);
+    T delta = hsum(dacc);
     for (; d < D; ++d) delta += orow[d] * grow[d];
     const V vl(lse[r]), vdelta(delta);
     int64_t i = 0;

@@ -9,11 +9,8 @@
 #include <cmath>
 #include <type_traits>
 
+#include "isa_common.h"
 #include "kernels.h"
-
-#ifndef CPU_CAPABILITY
-#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
-#endif
 
 namespace llamactl_cpu {
 namespace CPU_CAPABILITY {
@@ -112,15 +109,6 @@ struct Io<BFloat16> {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename A>
-inline A hsum(const Vectorized<A>& v) {  // fixed lane order: deterministic
-  alignas(64) A t[Vectorized<A>::size()];
-  v.store(t);
-  A s = 0;
-  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += t[i];
-  return s;
-}
 
 // Round fp32 lanes to the nearest bf16 (ties to even) and back, in registers: the reference casts
 // x*rstd to bf16 before the weight multiply. Same bits as c10::BFloat16 for non-NaN values.
