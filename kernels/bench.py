@@ -78,10 +78,13 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 * MB, reps: int = 9) 
 
 def _time_alternating(fns: dict[str, Callable[[], object]], device, reps: int, nbytes: int,
                       warmup: int = 3) -> dict[str, float]:
-    """Median ms of each fn, timed in turn; "copy" (dst.copy_(src) moving nbytes in all) runs alongside."""
+    """Median ms of each fn, timed in turn; "copy" (dst.copy_(src) moving nbytes in all) runs alongside, and on
+    CPU "stream", the same copy with non-temporal stores: the floor for any kernel that reads its input once
+    and writes an output once (it skips reading the destination lines that copy_ reads before writing)."""
     src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    fns = {"copy": lambda: dst.copy_(src), **fns}
+    ceiling = {"stream": lambda: torch.ops.llamactl_cpu.stream_copy_(dst, src)} if torch.device(device).type == "cpu" else {}
+    fns = {"copy": lambda: dst.copy_(src), **ceiling, **fns}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -293,6 +296,13 @@ def summary(copy: float, results: list[Result], device: str) -> list[str]:
         lines.append(f"rms_norm fwd bandwidth: {r.of_copy('fused'):.2f}x copy bandwidth "
                      f"(worst case {r.shape} {r.dtype}: {r.gbs('fused'):.1f} vs {r.gbs('copy'):.1f} GB/s copying the "
                      f"same bytes in the same loop; {copy:.1f} GB/s on 512 MiB at start, {device})")
+    r = worst("rms_norm", "fwd", lambda r: r.ms.get("stream", 0) / r.ms["fused"])
+    if r is not None and "stream" in r.ms:
+        lines.append(f"rms_norm fwd vs the streaming-copy floor: fused at {r.ms['stream'] / r.ms['fused']:.2f}x its speed, "
+                     f"eager {r.ms['stream'] / r.ms['eager']:.2f}x (worst case {r.shape} {r.dtype}: {r.ms['fused']:.2f} ms "
+                     f"fused, {r.ms['stream']:.2f} ms non-temporal copy of the same bytes; no kernel that reads x once and "
+                     f"writes y once beats that copy, so eager / copy = {r.ms['eager'] / r.ms['stream']:.2f}x bounds the "
+                     f"speed-up over eager, {device})")
     return lines
 
 

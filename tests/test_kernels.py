@@ -533,8 +533,21 @@ def test_bench_runs_every_op_on_small_cases(fused_cpu, monkeypatch):
     copy, res = bench.run("cpu", ("float32", "bfloat16"), target_mb=1, reps=1)
     got = {(r.op, r.dtype, r.mode) for r in res}
     assert got == {(op, dt, m) for op in bench.OPS for dt in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")}
-    assert all(set(r.ms) >= {"copy", "eager", "compile", "fused"} and min(r.ms.values()) > 0 for r in res)
-    assert sum(ln.startswith("swiglu") for ln in bench.summary(copy, res, "cpu")) == 4
+    assert all(set(r.ms) >= {"copy", "stream", "eager", "compile", "fused"} and min(r.ms.values()) > 0 for r in res)
+    lines = bench.summary(copy, res, "cpu")
+    assert sum(ln.startswith("swiglu") for ln in lines) == 4
+    assert sum(ln.startswith("rms_norm fwd vs the streaming-copy floor") for ln in lines) == 1
+
+
+@pytest.mark.parametrize("offset,n", [(0, 1 << 20), (1, 1000), (3, 17), (0, 0), (5, 64 * 1000 + 7)])
+def test_stream_copy_copies_every_byte(fused_cpu, offset, n):
+    """The benchmark's non-temporal copy (its bandwidth floor) copies exactly, whatever the alignment."""
+    src = torch.randint(-100, 100, (n + offset,), dtype=torch.int8)[offset:]
+    dst = torch.zeros(n + 2, dtype=torch.int8)[1:n + 1]
+    torch.ops.llamactl_cpu.stream_copy_(dst, src)
+    assert torch.equal(dst, src)
+    with pytest.raises(RuntimeError, match="same size"):
+        torch.ops.llamactl_cpu.stream_copy_(torch.empty(n + 1, dtype=torch.int8), src)
 
 
 def test_cli_bench_kernels_rejects_bad_dtype(capsys):
