@@ -83,8 +83,8 @@ def _time_alternating(fns: dict[str, Callable[[], object]], device, reps: int, n
     and writes an output once (it skips reading the destination lines that copy_ reads before writing)."""
     src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ceiling = {"stream": lambda: torch.ops.llamactl_cpu.stream_copy_(dst, src)} if torch.device(device).type == "cpu" else {}
-    fns = {"copy": lambda: dst.copy_(src), **ceiling, **fns}
+    stream = {"stream": lambda: torch.ops.llamactl_cpu.stream_copy_(dst, src)} if torch.device(device).type == "cpu" else {}
+    fns = {"copy": lambda: dst.copy_(src), **stream, **fns}
     for fn in fns.values():
         for _ in range(warmup):
             fn()

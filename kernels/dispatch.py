@@ -6,6 +6,7 @@ Order: CUDA extension (CUDA tensors) > CPU extension (CPU tensors) > reference. 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -100,15 +101,12 @@ def attention_fused(device_type: str, dtype: torch.dtype) -> bool:
     return _has_blas()
 
 
+@functools.cache
 def _has_blas() -> bool:
-    if "blas" not in _CHOSEN_BLAS:
-        _CHOSEN_BLAS["blas"] = ok = bool(torch.ops.llamactl_cpu.has_blas())
-        if not ok:
-            _say("causal attention uses torch's SDPA: this torch exports no sgemm_/dgemm_ for the CPU kernel")
-    return _CHOSEN_BLAS["blas"]
-
-
-_CHOSEN_BLAS: dict[str, bool] = {}
+    ok = bool(torch.ops.llamactl_cpu.has_blas())
+    if not ok:
+        _say("causal attention uses torch's SDPA: this torch exports no sgemm_/dgemm_ for the CPU kernel")
+    return ok
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (~3 s) in every

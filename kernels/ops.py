@@ -60,13 +60,13 @@ def _swiglu_bwd_fake(dout, a, b):
 
 
 @torch.library.register_fake("llamactl::causal_attention")
-def _causal_attention_fake(q, k, v, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3])
+def _causal_attention_fake(q, k, v, scale):  # out takes q's layout (made contiguous first if D is strided)
+    return torch.empty_like(q if q.stride(-1) == 1 else q.contiguous()), q.new_empty(q.shape[:3])
 
 
 @torch.library.register_fake("llamactl::causal_attention_bwd")
 def _causal_attention_bwd_fake(dout, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
 
 
 def _rms_setup(ctx, inputs, output):

@@ -151,3 +151,17 @@ def test_bench_runs_and_prints_the_ratio(fused_cpu, monkeypatch, capsys):
     runpy.run_path(str(bench), run_name="__main__")
     out = capsys.readouterr().out
     assert "attention fwd+bwd:" in out and "x sdpa (worst shape" in out
+
+
+def test_fake_shapes_and_strides_match_the_kernel(fused_cpu):
+    """torch.compile plans memory from the fake implementations: they must give the real layouts, also for
+    an input whose head dim is strided (the kernel copies it first)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (t.detach() for t in _inputs(2, 4, 2, 9, 8))
+    strided = torch.randn(2, 4, 8, 9).transpose(-1, -2)
+    for args in ((q, k, v), (strided, k, v)):
+        real = torch.ops.llamactl.causal_attention(*args, 0.5)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = torch.ops.llamactl.causal_attention(*args, 0.5)
+        assert [(t.shape, t.stride()) for t in real] == [(t.shape, t.stride()) for t in fake]

@@ -16,7 +16,6 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <cmath>
 #include <tuple>
 #include <vector>
 

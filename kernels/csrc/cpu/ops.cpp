@@ -307,7 +307,7 @@ at::Tensor softmax_xent_(const at::Tensor& src, at::Tensor& dst, const at::Tenso
 
 // dst := src (same size, contiguous) with non-temporal stores: the least time any kernel that reads a
 // tensor once and writes one of the same size can take (no read of the destination lines first). The
-// kernel benchmark times it next to torch's copy_ as the ceiling for memory-bound ops.
+// kernel benchmark times it next to torch's copy_ as the floor (in time) for memory-bound ops.
 void stream_copy_(at::Tensor& dst, const at::Tensor& src) {
   TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.nbytes() == src.nbytes() && dst.is_cpu() &&
                   src.is_cpu(),
