@@ -39,15 +39,14 @@ from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.tensor import TPShard, shard_specs
+from llamactl.rundir import LATEST_FILE, META_FILE, fsync_dir, is_complete, latest, set_latest  # noqa: F401 (re-exported)
 
 FORMAT = "llamactl-checkpoint"
 VERSION = 1
-META_FILE = "llamactl.json"
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
 TRAIN_STATE_DIR = "train_state"
-LATEST_FILE = "latest"
 DEFAULT_MAX_SHARD_BYTES = 20 * 2**30  # a stage's file is split only beyond this (keeps writer memory bounded)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -221,19 +220,6 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def tokenizer_vocab_size(path: Path) -> int:
@@ -453,7 +439,7 @@ def _save_into(tmp: Path, out_dir: Path, model, ctx, dist_on, cfg, head, tok_pat
     if ctx.rank == 0:
         _write_small_files(tmp, files, cfg, head, dtype, tok_path, itemsize, hashes, ctx, stage, step, tokens,
                            train_state is not None, extra)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     if dist_on:
         dist.barrier()
     # 5. publish: rename into place (an old directory is removed only after the new one is there)
@@ -505,7 +491,7 @@ def save_tensors(out_dir, cfg: ModelConfig, head: str, get_tensor, *, dtype: tor
             hashes[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         _write_small_files(tmp, files, cfg, head, dtype, tok_path, itemsize, hashes, ParallelContext.single(), stage,
                            step, tokens, False, extra)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -569,7 +555,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rename(out_dir, old / out_dir.name)
     os.rename(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -832,55 +818,6 @@ def _init_head(model, seed: int = 0) -> None:
     from llamactl.model import init_weights
 
     init_weights(model, seed, only=HEAD_PARAMS)
-
-
-# ---- the run directory's `latest` pointer ----------------------------------------------------------------
-def is_complete(ckpt_dir) -> bool:
-    p = Path(ckpt_dir)
-    return p.is_dir() and not p.name.startswith(".") and (p / META_FILE).is_file()
-
-
-def set_latest(run_dir, ckpt_dir) -> None:
-    """Point run_dir/latest at ckpt_dir (atomic replace; relative when it lives in run_dir)."""
-    run_dir, ckpt_dir = Path(run_dir), Path(ckpt_dir)
-    if not is_complete(ckpt_dir):
-        raise LlamactlError(f"not a complete checkpoint: {ckpt_dir}")
-    target = ckpt_dir.name if ckpt_dir.resolve().parent == run_dir.resolve() else str(ckpt_dir.resolve())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(target + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync_dir(run_dir)
-
-
-def latest(run_dir) -> Path | None:
-    """The checkpoint named by run_dir/latest; if that is missing or incomplete, the complete checkpoint
-    subdirectory with the highest step (None when there is none)."""
-    run_dir = Path(run_dir)
-    f = run_dir / LATEST_FILE
-    if f.is_file():
-        name = f.read_text().strip()
-        if name:
-            p = Path(name) if os.path.isabs(name) else run_dir / name
-            if is_complete(p):
-                return p
-    if not run_dir.is_dir():
-        return None
-    best, best_key = None, None
-    for p in run_dir.iterdir():
-        if not is_complete(p):
-            continue
-        try:
-            step = int(_read_json(p / META_FILE, META_FILE).get("step", -1))
-        except (LlamactlError, TypeError, ValueError):
-            continue
-        key = (step, p.name)
-        if best_key is None or key > best_key:
-            best, best_key = p, key
-    return best
 
 
 # ---- `llamactl info` ----------------------------------------------------------------------------------------

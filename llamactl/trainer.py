@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from llamactl.errors import LlamactlError
+from llamactl.rundir import CKPT_PREFIX, list_checkpoints, truncate_metrics
 
-CKPT_PREFIX = "step-"
 
 
 @dataclass
@@ -276,33 +276,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ---- run dir ----------------------------------------------------------------------------------------
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first (incomplete ones are written under a temporary name)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    out = []
-    for p in run_dir.glob(f"{CKPT_PREFIX}*"):
-        suffix = p.name[len(CKPT_PREFIX):]
-        if p.is_dir() and suffix.isdigit() and (p / "llamactl.json").is_file():
-            out.append(p)
-    return sorted(out, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows of steps after the checkpoint we resume from (they will be recomputed)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from a killed process
-    path.write_text("".join(x + "\n" for x in keep))
-
-
 class _SignalFlag:
     """SIGINT / SIGTERM set a flag; the loop finishes the step, saves and stops."""
 
@@ -392,7 +365,7 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
         set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
         if ctx.is_main:
-            _truncate_metrics(metrics_path, step)
+            truncate_metrics(metrics_path, step)
             err_console.print(f"resuming from {ckpt} (step {step}, {tokens:,} tokens)")
     else:
         if existing:
