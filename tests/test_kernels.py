@@ -188,7 +188,13 @@ def test_swiglu_matches_reference(fused_cpu, shape, dtype):
             torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-6)
             assert (got != want).float().mean() <= 0.01
         return
-    assert torch.equal(y, yr)
+    # torch's own silu rounds differently in its short-array tail than in its vector loop on some CPUs (AMD
+    # Zen 4: F.silu of 17 elements differs by an ulp from the same elements inside a longer array), so the
+    # bits are compared with the reference run over a zero-padded array that torch takes through its vector loop.
+    n = a.numel()
+    ap, bp = [torch.nn.functional.pad(t.detach().reshape(-1), (0, -n % 64)) for t in (a, b)]
+    assert torch.equal(y, R.swiglu(ap, bp)[:n].view(shape))
+    torch.testing.assert_close(y, yr, rtol=2 * torch.finfo(dtype).eps, atol=0)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(da, rda, rtol=tol, atol=tol)
     torch.testing.assert_close(db, rdb, rtol=tol, atol=tol)
