@@ -348,13 +348,18 @@ def _gather_full(local: torch.Tensor, spec: TPShard | None, all_specs: list[dict
 
 def save(out_dir, model, ctx: ParallelContext | None = None, *, tokenizer=None, stage: str = "", step: int = 0,
          tokens: int = 0, train_state: dict | None = None, extra: dict | None = None, overwrite: bool = False,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint of `model` to out_dir; collective over all ranks when distributed.
 
     tokenizer: tokenizer.model path (or a dir / Tokenizer holding one), copied in; its vocab must match.
     train_state: this rank's resume state (see module doc for the allowed values). An existing out_dir is
     refused unless overwrite=True, and then replaced only after the new directory is complete.
+    dtype: of the stored weights (None: the parameters' own). When it is narrower than the parameters and a
+    train_state is written, the exact parameters go into train_state/masters*.pt too, so that
+    `load_train_state(..., model=model)` resumes bit-exactly from the narrowed weights.
     """
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise LlamactlError(f"cannot save weights as {dtype}; choose one of {', '.join(DTYPE_NAMES.values())}")
     ctx = ctx or getattr(model, "ctx", None) or ParallelContext.single()
     out_dir = Path(out_dir)
     cfg, head = model.cfg, model.head
@@ -377,7 +382,7 @@ def save(out_dir, model, ctx: ParallelContext | None = None, *, tokenizer=None, 
     tmp = Path(tmp_holder[0])
     try:
         return _save_into(tmp, out_dir, model, ctx, dist_on, cfg, head, tok_path, stage, step, tokens,
-                          train_state, extra, max_shard_bytes)
+                          train_state, extra, max_shard_bytes, dtype)
     except BaseException:
         if ctx.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -385,9 +390,9 @@ def save(out_dir, model, ctx: ParallelContext | None = None, *, tokenizer=None, 
 
 
 def _save_into(tmp: Path, out_dir: Path, model, ctx, dist_on, cfg, head, tok_path, stage, step, tokens,
-               train_state, extra, max_shard_bytes) -> Path:
+               train_state, extra, max_shard_bytes, dtype) -> Path:
     params = dict(model.named_parameters())
-    dtype = next(iter(params.values())).dtype
+    dtype = dtype or next(iter(params.values())).dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     files = _file_plan(_stage_entries(cfg, head, ctx.pp), itemsize, max_shard_bytes)
     n_files = len(files)
@@ -415,7 +420,7 @@ def _save_into(tmp: Path, out_dir: Path, model, ctx, dist_on, cfg, head, tok_pat
                 if full is not None:
                     if tuple(full.shape) != e.shape:
                         raise LlamactlError(f"{e.name} has shape {tuple(full.shape)}, expected {e.shape}")
-                    tensors[e.hf] = full.to("cpu").contiguous()
+                    tensors[e.hf] = full.to(device="cpu", dtype=dtype).contiguous()
             if ctx.tp_rank == 0:
                 path = tmp / shard_name(i, n_files)
                 save_file(tensors, str(path), metadata={"format": "pt"})
@@ -430,6 +435,11 @@ def _save_into(tmp: Path, out_dir: Path, model, ctx, dist_on, cfg, head, tok_pat
         torch.save(train_state, path)
         _fsync_file(path)
         hashes[f"{TRAIN_STATE_DIR}/{path.name}"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if writes_weights and any(_narrows(p.dtype, dtype) for p in params.values()):
+            path = sd / _masters_name(ctx.rank)
+            torch.save({k: v.detach().to("cpu", copy=True) for k, v in params.items()}, path)
+            _fsync_file(path)
+            hashes[f"{TRAIN_STATE_DIR}/{path.name}"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     # 4. everyone's hashes to rank 0, which writes the small files, llamactl.json last
     if dist_on:
         gathered = [None] * ctx.world_size
@@ -448,6 +458,19 @@ def _save_into(tmp: Path, out_dir: Path, model, ctx, dist_on, cfg, head, tok_pat
     if dist_on:
         dist.barrier()
     return out_dir
+
+
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Does casting src to dst lose values (fp32 -> bf16 / fp16, bf16 <-> fp16)?"""
+    if src == dst or not src.is_floating_point:
+        return False
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return b.bits < a.bits or (b.bits == a.bits and src != dst)
+
+
+def _masters_name(rank: int) -> str:
+    """Exact (unnarrowed) parameters of the dp-rank-0 rank `rank`; its dp replicas read the same file."""
+    return f"masters{rank:05d}.pt"
 
 
 def save_tensors(out_dir, cfg: ModelConfig, head: str, get_tensor, *, dtype: torch.dtype, tokenizer=None,
@@ -642,7 +665,7 @@ def _weight_map(p: Path) -> dict[str, str]:
                         f"(Meta or .bin checkpoints: run `llamactl convert` first)")
 
 
-def verify(ckpt_dir, files: list[str] | None = None, *, on_file=None) -> list[str]:
+def verify(ckpt_dir, files: list[str] | None = None, *, on_file=None, meta: dict | None = None) -> list[str]:
     """Problems of a checkpoint (empty = intact): missing files and sha256 mismatches, named by file.
 
     files: only these (relative names); on_file(name, nbytes) is called after each file (progress bars).
@@ -651,7 +674,7 @@ def verify(ckpt_dir, files: list[str] | None = None, *, on_file=None) -> list[st
     if not p.is_dir():
         return [f"checkpoint directory not found: {p}"]
     try:
-        meta = read_meta(p)
+        meta = meta if meta is not None else read_meta(p)
     except LlamactlError as e:
         return [str(e)]
     if meta["format"] == "hf":  # no hashes to check: at least every weight file must be there
@@ -771,11 +794,15 @@ def _load_param(sl, param: torch.Tensor, spec: TPShard | None, hf: str, fname: s
     param.copy_(t.to(dtype=param.dtype))
 
 
-def load_train_state(ckpt_dir, ctx: ParallelContext | None = None) -> dict | None:
-    """This rank's train state (None if the checkpoint has none); the layout must equal the saved one."""
+def load_train_state(ckpt_dir, ctx: ParallelContext | None = None, model=None, *, meta: dict | None = None) -> dict | None:
+    """This rank's train state (None if the checkpoint has none); the layout must equal the saved one.
+
+    model: when the weights were stored narrower than the parameters (save(dtype=bf16) of an fp32 model),
+    its parameters are set to the exact saved values (train_state/masters*.pt), so resume is bit-exact.
+    """
     ctx = ctx or ParallelContext.single()
     p = _ckpt_dir(ckpt_dir)
-    meta = read_meta(p)
+    meta = meta if meta is not None else read_meta(p)
     if not meta.get("train_state"):
         return None
     lay = meta.get("parallel") or {}
@@ -785,13 +812,33 @@ def load_train_state(ckpt_dir, ctx: ParallelContext | None = None) -> dict | Non
                             f"exact resume needs the same layout, not tp={ctx.tp} pp={ctx.pp} dp={ctx.dp} "
                             f"(--tp/--pp/--nproc) ({p})")
     name = f"{TRAIN_STATE_DIR}/rank{ctx.rank:05d}.pt"
-    problems = verify(p, files=[name])
+    state = _read_state_file(p, meta, name)
+    masters = f"{TRAIN_STATE_DIR}/{_masters_name(ctx.pp_rank * ctx.dp * ctx.tp + ctx.tp_rank)}"
+    if model is not None and masters in meta.get("files", {}):
+        _restore_masters(model, _read_state_file(p, meta, masters), masters, p)
+    return state
+
+
+def _read_state_file(p: Path, meta: dict, name: str):
+    problems = verify(p, files=[name], meta=meta)
     if problems:
         raise LlamactlError(f"{problems[0]} ({p})")
     try:
         return torch.load(p / name, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise LlamactlError(f"cannot read {name}: {str(e).splitlines()[0]} ({p})") from None
+
+
+@torch.no_grad()
+def _restore_masters(model, saved: dict, name: str, where: Path) -> None:
+    params = dict(model.named_parameters())
+    if not isinstance(saved, dict) or set(saved) != set(params):
+        raise LlamactlError(f"{name} does not hold this model's parameters ({where})")
+    for k, p in params.items():
+        t = saved[k]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+            raise LlamactlError(f"{name} has a different shape for {k} ({where})")
+        p.copy_(t.to(dtype=p.dtype))
 
 
 def load_model(ckpt_dir, ctx: ParallelContext | None = None, *, device="cpu", dtype=torch.float32,

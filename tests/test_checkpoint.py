@@ -313,6 +313,12 @@ def _dist_save(rank, world, out: str):
         C.load(p, m2, ctx)
         assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
         assert C.load_train_state(p, ctx)["rank"].item() == rank
+        # bf16 weights: every rank gets its exact fp32 shard back from the masters of its (tp, pp) coordinates
+        q = C.save(Path(out) / f"{name}-bf16", m, ctx, step=3, train_state=state, dtype=torch.bfloat16)
+        m3 = build_model(cfg, ctx)
+        C.load(q, m3, ctx)
+        assert C.load_train_state(q, ctx, model=m3)["rank"].item() == rank
+        assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m3.parameters()))
         dist.barrier()
 
 
@@ -335,3 +341,50 @@ def test_save_at_tp_and_pp_equals_single_process(tmp_path):
     first = "model-00001-of-00002.safetensors"
     assert wm["model.embed_tokens.weight"] == wm["model.layers.0.self_attn.q_proj.weight"] == first
     assert wm["lm_head.weight"] == wm["model.norm.weight"] == "model-00002-of-00002.safetensors"
+
+
+# ---- save dtype: narrow exported weights, exact fp32 masters in the train state ---------------------------
+def test_bf16_save_keeps_fp32_masters_for_exact_resume(tmp_path, tiny_tokenizer):
+    """Two AdamW steps, a bf16 save with train state, two more steps == the same four steps resumed from it."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 17))
+
+    def train(m, opt, n):
+        for _ in range(n):
+            loss = torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    m = _model(seed=4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, 2)
+    p = C.save(tmp_path / "ck", m, tokenizer=tiny_tokenizer, dtype=torch.bfloat16,
+               train_state={"optimizer": opt.state_dict()})
+    train(m, opt, 2)
+    # the exported weights are bf16 (files, config.json, llamactl.json) and differ from the fp32 masters
+    assert {t.dtype for t in _file_tensors(p).values()} == {torch.bfloat16}
+    assert json.loads((p / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert C.read_meta(p)["dtype"] == "bfloat16" and C.verify(p) == []
+    r, _ = C.load_model(p)
+    assert next(r.parameters()).dtype == torch.float32
+    narrowed = _params(r)
+    st = C.load_train_state(p, ParallelContext.single(), model=r)
+    restored = _params(r)
+    assert any(not torch.equal(narrowed[k], restored[k]) for k in restored)
+    assert all(torch.equal(restored[k].bfloat16(), narrowed[k].bfloat16()) for k in restored)
+    opt2 = torch.optim.AdamW(r.parameters(), lr=1e-2)
+    opt2.load_state_dict(st["optimizer"])
+    train(r, opt2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), r.parameters()))
+
+
+def test_save_dtype_without_train_state_and_same_dtype(tmp_path):
+    m = _model(seed=5)
+    p = C.save(tmp_path / "h", m, dtype=torch.float16)  # no train state: no masters written
+    assert {t.dtype for t in _file_tensors(p).values()} == {torch.float16}
+    assert not (p / "train_state").exists()
+    q = C.save(tmp_path / "f", m, dtype=torch.float32, train_state={"step": 1})  # lossless: no masters either
+    assert sorted(x.name for x in (q / "train_state").iterdir()) == ["rank00000.pt"]
+    with pytest.raises(LlamactlError, match="cannot save weights as torch.int8"):
+        C.save(tmp_path / "i", m, dtype=torch.int8)
