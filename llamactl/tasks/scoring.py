@@ -7,11 +7,13 @@ decides. Scorers compare after `normalize` (case, punctuation and apostrophes ig
   list    longest common subsequence of words / the longer list: 1 for the exact list, partial credit
           for words in the right order, extra words cost.
   fact    the response is the gold, or mentions the gold and no other value of that attribute.
+  overlap F1 of the words shared with the gold (how-to answers: a near miss earns part).
   refusal the response refuses (see `is_refusal`).
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Callable, Mapping, Sequence
 
 from llamactl.tasks.families import FAMILIES
@@ -82,12 +84,23 @@ def score_fact(item: Mapping, response: str) -> float:
     return 1.0 if named == {gold} else 0.0
 
 
+def score_overlap(item: Mapping, response: str) -> float:
+    """F1 of the words the response shares with the gold (multiset): 1 for the gold, partial for a near miss."""
+    gold, got = Counter(normalize(item["answer"]).split()), Counter(normalize(response).split())
+    common = sum((gold & got).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(got.values()), common / sum(gold.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 def score_refusal(item: Mapping, response: str) -> float:
     return 1.0 if is_refusal(response) else 0.0
 
 
 SCORERS: dict[str, Callable[[Mapping, str], float]] = {
-    "number": score_number, "list": score_list, "fact": score_fact, "refusal": score_refusal}
+    "number": score_number, "list": score_list, "fact": score_fact, "overlap": score_overlap,
+    "refusal": score_refusal}
 
 
 def score(item: Mapping, response: str) -> float:
