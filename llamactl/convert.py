@@ -22,8 +22,10 @@ from typing import Callable
 import torch
 
 from llamactl import checkpoint as ckpt
+from llamactl.checkpoint.layout import check_vocab, read_json, stage_entries, write_json
 from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
+from llamactl.hf_format import DTYPES, config_from_hf, to_hf_name
 
 FORMATS = ("hf", "meta")
 _DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -126,7 +128,7 @@ class _HFReader:
         for kind, index, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
                                     ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
             if (src / index).is_file():
-                wm = ckpt._read_json(src / index, index).get("weight_map")
+                wm = read_json(src / index, index).get("weight_map")
                 if not isinstance(wm, dict):
                     raise LlamactlError(f"{index} has no weight_map ({src})")
                 return kind, wm
@@ -176,19 +178,19 @@ def convert_hf(src, dst, *, tokenizer=None, dtype: torch.dtype | None = None, ov
     src = _src_dir(src, "--from hf")
     if not (src / ckpt.CONFIG_FILE).is_file():
         raise LlamactlError(f"{src} has no config.json: not a Hugging Face model directory (--from hf)")
-    cfg, head = ckpt.config_from_hf(ckpt._read_json(src / ckpt.CONFIG_FILE, "config.json"), str(src))
+    hf_cfg = read_json(src / ckpt.CONFIG_FILE, "config.json")
+    cfg, head = config_from_hf(hf_cfg, str(src))
     tok = _find_tokenizer(tokenizer, [src], "a Hugging Face directory")
     reader = _HFReader(src)
-    hf_cfg = ckpt._read_json(src / ckpt.CONFIG_FILE, "config.json")
     tied = bool(hf_cfg.get("tie_word_embeddings")) and "lm_head.weight" not in reader.weight_map
-    needed = {ckpt.to_hf_name(e.name) for e in ckpt._stage_entries(cfg, head, 1)[0]}
+    needed = {to_hf_name(e.name) for e in stage_entries(cfg, head, 1)[0]}
     unexpected = sorted(k for k in reader.weight_map if k not in needed and not _ignored_hf(k))
     if unexpected:
         raise LlamactlError(f"unexpected tensors {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''} "
                             f"in {src}: not a plain Llama model")
 
     def get(name: str) -> torch.Tensor:
-        hf = ckpt.to_hf_name(name)
+        hf = to_hf_name(name)
         if hf == "lm_head.weight" and tied:
             hf = "model.embed_tokens.weight"
         if hf not in reader.weight_map:
@@ -215,10 +217,10 @@ def _find_tokenizer(flag, dirs: list[Path], what: str) -> Path:
 
 
 def _write(dst, cfg, head, get, dtype, tok, stage, extra, overwrite, show_progress) -> Path:
-    ckpt._check_vocab(tok, cfg, "--tokenizer")  # (save_tensors checks too; here before any progress output)
+    check_vocab(tok, cfg, "--tokenizer")  # (save_tensors checks too; here before any progress output)
     if Path(dst).exists() and not overwrite:
         raise LlamactlError(f"output directory already exists: {dst} (choose another path or --overwrite)")
-    n = len(ckpt._stage_entries(cfg, head, 1)[0])
+    n = len(stage_entries(cfg, head, 1)[0])
     if not show_progress:
         return ckpt.save_tensors(dst, cfg, head, get, dtype=dtype, tokenizer=tok, stage=stage, extra=extra,
                                  overwrite=overwrite)
@@ -268,7 +270,7 @@ def convert_meta(src, dst, *, tokenizer=None, dtype: torch.dtype | None = None, 
     src = _src_dir(src, "--from meta")
     if not (src / "params.json").is_file():
         raise LlamactlError(f"{src} has no params.json: not a Meta Llama checkpoint (--from meta)")
-    params = ckpt._read_json(src / "params.json", "params.json")
+    params = read_json(src / "params.json", "params.json")
     shards = [_torch_load(p) for p in _meta_shards(src)]
     mp = len(shards)
     if "tok_embeddings.weight" not in shards[0]:
@@ -276,7 +278,7 @@ def convert_meta(src, dst, *, tokenizer=None, dtype: torch.dtype | None = None, 
     vocab = shards[0]["tok_embeddings.weight"].shape[0]
     cfg = config_from_params(params, str(src), vocab_size=vocab, max_seq_len=max_seq_len)
     tok = _find_tokenizer(tokenizer, [src, src.parent], "a Meta checkpoint")
-    expected = {e.name for e in ckpt._stage_entries(cfg, "lm", 1)[0]}
+    expected = {e.name for e in stage_entries(cfg, "lm", 1)[0]}
     for i, sd in enumerate(shards):
         extra = sorted(set(sd) - expected - {"rope.freqs"})
         if extra:
@@ -317,8 +319,8 @@ def convert(src, dst, from_: str, *, tokenizer=None, dtype: str | None = None, o
 def _summary(out: Path) -> None:
     from llamactl.ui import console
 
-    cfg, head = ckpt.load_config(out)
     meta = ckpt.read_meta(out)
+    cfg, head = ckpt.load_config(out, meta=meta)
     console.print(f"wrote {out}: {head} head, {meta['parameters']:,} parameters ({meta['dtype']}), "
                   f"dim {cfg.dim}, {cfg.n_layers} layers, vocab {cfg.vocab_size:,}")
 
@@ -328,16 +330,16 @@ def _reader(src: Path) -> tuple[ModelConfig, str, dict, Callable[[str], object]]
     """(cfg, head, meta, slice_of(name)) for a verified checkpoint; slice_of gives a safetensors slice."""
     from safetensors import safe_open
 
-    problems = ckpt.verify(src)
+    meta = ckpt.read_meta(src)
+    wm = ckpt.weight_map(src)
+    problems = ckpt.verify(src, ckpt.model_files(meta, wm.values()), meta=meta)  # not the train state
     if problems:
         raise LlamactlError(f"{problems[0]} ({src})")
-    cfg, head = ckpt.load_config(src)
-    meta = ckpt.read_meta(src)
-    wm = ckpt._weight_map(src)
+    cfg, head = ckpt.load_config(src, meta=meta)
     handles: dict[str, object] = {}
 
     def slice_of(name: str):
-        hf = ckpt.to_hf_name(name)
+        hf = to_hf_name(name)
         if hf not in wm:
             raise LlamactlError(f"checkpoint lacks tensor {hf} ({src})")
         f = wm[hf]
@@ -358,9 +360,9 @@ def _new_dir(dst: Path, overwrite: bool) -> Path:
 def export_hf(src, dst, *, dtype: torch.dtype | None = None, overwrite: bool = False,
               show_progress: bool = True) -> Path:
     """A clean Hugging Face directory (config, safetensors, index, tokenizer, generation config)."""
-    src, dst = ckpt._ckpt_dir(src), Path(dst)
+    src, dst = ckpt.checkpoint_dir(src), Path(dst)
     cfg, head, meta, slice_of = _reader(src)
-    src_dtype = ckpt.DTYPES.get(meta.get("dtype") or "float32", torch.float32)
+    src_dtype = DTYPES.get(meta.get("dtype") or "float32", torch.float32)
     dtype = dtype or src_dtype
     tmp = _new_dir(dst, overwrite)
     try:
@@ -369,7 +371,7 @@ def export_hf(src, dst, *, dtype: torch.dtype | None = None, overwrite: bool = F
         # re-encode through save_tensors (same names and files), then drop what is ours only
         kw = dict(dtype=dtype, tokenizer=tok if tok.is_file() else None, stage="export")
         if show_progress:
-            bar, tick = _progress(len(ckpt._stage_entries(cfg, head, 1)[0]), f"writing {dst.name}")
+            bar, tick = _progress(len(stage_entries(cfg, head, 1)[0]), f"writing {dst.name}")
             with bar:
                 out = ckpt.save_tensors(tmp / "w", cfg, head, get, on_tensor=tick, **kw)
         else:
@@ -381,13 +383,13 @@ def export_hf(src, dst, *, dtype: torch.dtype | None = None, overwrite: bool = F
         gen = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
                "max_length": cfg.max_seq_len}
         if head == "lm":
-            ckpt._write_json(tmp / "generation_config.json", gen)
+            write_json(tmp / "generation_config.json", gen)
         if tok.is_file():
-            ckpt._write_json(tmp / "tokenizer_config.json", {
+            write_json(tmp / "tokenizer_config.json", {
                 "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                 "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": False,
                 "model_max_length": cfg.max_seq_len})
-        ckpt._publish(tmp, dst)
+        ckpt.publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -397,7 +399,7 @@ def export_hf(src, dst, *, dtype: torch.dtype | None = None, overwrite: bool = F
 def export_meta(src, dst, *, mp: int = 1, dtype: torch.dtype | None = None, overwrite: bool = False,
                 show_progress: bool = True) -> Path:
     """params.json + consolidated.XX.pth (mp shards split as fairscale does, q/k back to interleaved)."""
-    src, dst = ckpt._ckpt_dir(src), Path(dst)
+    src, dst = ckpt.checkpoint_dir(src), Path(dst)
     cfg, head, meta, slice_of = _reader(src)
     if head != "lm":
         raise LlamactlError(f"Meta's format has no {head} head; export it with --to hf ({src})")
@@ -407,15 +409,15 @@ def export_meta(src, dst, *, mp: int = 1, dtype: torch.dtype | None = None, over
                     ("dim", cfg.dim), ("vocabulary", cfg.vocab_size)):
         if n % mp:
             raise LlamactlError(f"--mp {mp} does not divide the {n} {what}")
-    src_dtype = ckpt.DTYPES.get(meta.get("dtype") or "float32", torch.float32)
+    src_dtype = DTYPES.get(meta.get("dtype") or "float32", torch.float32)
     dtype = dtype or src_dtype
-    names = [e.name for e in ckpt._stage_entries(cfg, "lm", 1)[0]]
+    names = [e.name for e in stage_entries(cfg, "lm", 1)[0]]
     tmp = _new_dir(dst, overwrite)
     try:
         params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
                   "vocab_size": cfg.vocab_size, "multiple_of": cfg.multiple_of,
                   "ffn_dim_multiplier": cfg.ffn_dim_multiplier, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
-        ckpt._write_json(tmp / "params.json", params)
+        write_json(tmp / "params.json", params)
         if (src / ckpt.TOKENIZER_FILE).is_file():
             shutil.copyfile(src / ckpt.TOKENIZER_FILE, tmp / ckpt.TOKENIZER_FILE)
         bar, tick = _progress(mp * len(names), f"writing {dst.name}") if show_progress else (None, None)
@@ -446,7 +448,7 @@ def export_meta(src, dst, *, mp: int = 1, dtype: torch.dtype | None = None, over
         finally:
             if bar is not None:
                 bar.stop()
-        ckpt._publish(tmp, dst)
+        ckpt.publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,9 @@
     RUN/metrics.jsonl   one JSON object per optimizer step (and per evaluation, with "split")
     RUN/config.toml     the resolved config
     RUN/step-000123/    complete checkpoints (written under `.step-000123.tmp-*` and renamed when whole)
-    RUN/latest          name of the newest complete checkpoint
+    RUN/latest          name of the newest complete checkpoint (a hint for people and scripts: resume and
+                        `--model RUN` take the newest complete checkpoint, whatever `latest` says, because
+                        a kill between publishing a checkpoint and updating `latest` leaves it stale)
 
 Kept apart from checkpoint.py (the format of one checkpoint) and trainer.py (the loop): every stage and
 every command that resumes or reads "the newest checkpoint of a run" goes through here.
@@ -12,7 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
@@ -38,6 +44,45 @@ def fsync_dir(path: Path) -> None:
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"{CKPT_PREFIX}{step:06d}"
+
+
+_STEP_NAME = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
+_TEMP_NAME = re.compile(r"\." + re.escape(CKPT_PREFIX) + r"\d+\.(tmp|old)-.+|\." + LATEST_FILE + r"\..+")
+
+
+def is_step_dir(path, step: int | None = None) -> bool:
+    """Is `path` named like a run's step checkpoint (`step-000123`), of `step` when given?"""
+    m = _STEP_NAME.fullmatch(Path(path).name)
+    return m is not None and (step is None or int(m.group(1)) == step)
+
+
+def remove_stale_temps(run_dir) -> list[Path]:
+    """Remove what a killed writer left in run_dir: `.step-*.tmp-*` (a checkpoint being written),
+    `.step-*.old-*` (one being replaced) and `.latest.*` (the pointer being replaced).
+
+    Only for the process that writes run_dir (at the start of a run or resume, or before its next save):
+    another process writing the same run dir at the same time would lose its temporary directory."""
+    run_dir = Path(run_dir)
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for p in run_dir.iterdir():
+        if _TEMP_NAME.fullmatch(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def fault_after_publish(step: int) -> None:
+    """Test hook: LLAMACTL_FAULT_AFTER_PUBLISH=N SIGKILLs this process right after checkpoint step N is
+    renamed into place and before `latest` is updated (the window of a stale `latest`)."""
+    at = os.environ.get("LLAMACTL_FAULT_AFTER_PUBLISH")
+    if at and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -89,27 +134,39 @@ def set_latest(run_dir, ckpt_dir) -> None:
 
 
 def latest(run_dir) -> Path | None:
-    """The checkpoint named by run_dir/latest; if that is missing or incomplete, the complete checkpoint
-    subdirectory with the highest step (None when there is none)."""
+    """The complete checkpoint of run_dir with the highest step, among its subdirectories and the one
+    `latest` names (None when there is none). `latest` alone is not trusted: a kill after a checkpoint is
+    renamed into place and before `latest` is rewritten leaves it pointing at an older step."""
     run_dir = Path(run_dir)
-    f = run_dir / LATEST_FILE
-    if f.is_file():
-        name = f.read_text().strip()
-        if name:
-            p = Path(name) if os.path.isabs(name) else run_dir / name
-            if is_complete(p):
-                return p
     if not run_dir.is_dir():
         return None
-    best, best_key = None, None
-    for p in run_dir.iterdir():
-        if not is_complete(p):
-            continue
+    candidates = [p for p in run_dir.iterdir() if is_complete(p)]
+    f = run_dir / LATEST_FILE
+    if f.is_file():
         try:
-            step = int(json.loads((p / META_FILE).read_text()).get("step", -1))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError):
+            name = f.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        p = (Path(name) if os.path.isabs(name) else run_dir / name) if name else None
+        if p is not None and is_complete(p) and p.resolve().parent != run_dir.resolve():
+            candidates.append(p)
+    best, best_key = None, None
+    for p in candidates:
+        step = _step_of(p)
+        if step is None:
             continue
         key = (step, p.name)
         if best_key is None or key > best_key:
             best, best_key = p, key
     return best
+
+
+def _step_of(ckpt: Path) -> int | None:
+    """The step of a checkpoint: from its `step-N` name, else from its llamactl.json (None if unreadable)."""
+    m = _STEP_NAME.fullmatch(ckpt.name)
+    if m is not None:
+        return int(m.group(1))
+    try:
+        return int(json.loads((ckpt / META_FILE).read_text()).get("step", -1))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError):
+        return None

@@ -256,17 +256,27 @@ def test_one_line_errors(tmp_path, saved, tiny_tokenizer):
 
 
 def test_latest_pointer(tmp_path):
+    """`latest` is written after each checkpoint, but the newest complete checkpoint wins over a stale one."""
     run = tmp_path / "run"
     assert C.latest(run) is None
     a = C.save(run / "step-000002", _model(), step=2)
     b = C.save(run / "step-000010", _model(), step=10)
     assert C.latest(run) == b  # no pointer: the highest step
     C.set_latest(run, a)
-    assert C.latest(run) == a and (run / "latest").read_text().strip() == "step-000002"
+    assert (run / "latest").read_text().strip() == "step-000002"
+    assert C.latest(run) == b  # a kill between publishing step 10 and rewriting `latest`: still step 10
+    assert C.resolve(run) == b and C.resolve(run / "latest") == b
+    (run / ".step-000011.tmp-x").mkdir()  # a half-written newer one does not count
+    (run / "step-000012").mkdir()         # nor a directory without llamactl.json
+    assert C.latest(run) == b
+    outside = C.save(tmp_path / "elsewhere", _model(), step=20)
+    C.set_latest(run, outside)            # a pointer out of the run dir is one more candidate
+    assert C.latest(run) == outside
     import shutil
 
-    shutil.rmtree(a)
-    assert C.latest(run) == b  # pointer to a deleted checkpoint: fall back to the scan
+    shutil.rmtree(outside)
+    shutil.rmtree(b)
+    assert C.latest(run) == a  # pointer to a deleted checkpoint: the newest complete one left
 
 
 def test_reward_head_round_trip(tmp_path):
