@@ -12,7 +12,6 @@ Files from elsewhere are never unpickled blindly: every torch.load uses weights_
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile

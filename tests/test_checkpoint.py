@@ -398,3 +398,65 @@ def test_save_dtype_without_train_state_and_same_dtype(tmp_path):
     assert sorted(x.name for x in (q / "train_state").iterdir()) == ["rank00000.pt"]
     with pytest.raises(LlamactlError, match="cannot save weights as torch.int8"):
         C.save(tmp_path / "i", m, dtype=torch.int8)
+
+
+# ---- one verification per load, one policy for every loader ---------------------------------------------
+@pytest.fixture(scope="module")
+def token_data(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    from llamactl.data import prepare
+
+    src = tmp_path_factory.mktemp("src") / "text.txt"
+    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
+    out = tmp_path_factory.mktemp("data")
+    prepare([src], tiny_tokenizer, out, val_fraction=0.2, workers=1, show_progress=False)
+    return out
+
+
+def test_eval_load_hashes_each_file_once(tmp_path, tiny_tokenizer, token_data, monkeypatch):
+    """`eval --model RUN`: every model file hashed exactly once, llamactl.json parsed once, no train state."""
+    import collections
+
+    import llamactl.checkpoint.read as R
+    import llamactl.data as D
+    from llamactl.stages.evaluate import run_eval
+
+    run = tmp_path / "run"
+    C.save(run / "step-000001", _model(), tokenizer=tiny_tokenizer, step=1, train_state={"step": 1})
+    ck = C.save(run / "step-000002", _model(), tokenizer=tiny_tokenizer, step=2, train_state={"step": 2},
+                max_shard_bytes=700_000)
+    C.set_latest(run, ck)
+    want = [n for n in C.read_meta(ck)["files"] if not n.startswith("train_state/")]
+    assert len(want) == 6  # 3 shards, config.json, the index, tokenizer.model
+    hashed, parsed = collections.Counter(), collections.Counter()
+    for mod, fn in [(R, "sha256_file"), (D, "sha256_file")]:
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda p, real=real: hashed.update([str(p)]) or real(p))
+    real_json = R.read_json
+    monkeypatch.setattr(R, "read_json", lambda p, what: parsed.update([str(p)]) or real_json(p, what))
+    res = run_eval(run, token_data, seq_len=32, max_tokens=64)
+    assert res.tokens == 64
+    assert hashed == collections.Counter(str(ck / n) for n in want)
+    assert parsed[str(ck / "llamactl.json")] == 1 and not any("step-000001" in p for p in parsed)
+
+
+def test_missing_config_json_refused_by_every_loader(tmp_path, tiny_tokenizer, token_data):
+    """A llamactl checkpoint without its config.json is damaged: eval, generate and load all say so."""
+    import shutil
+
+    from llamactl.generation import load_for_generation
+    from llamactl.stages.evaluate import run_eval
+
+    ck = C.save(tmp_path / "ck", _model(), tokenizer=tiny_tokenizer)
+    (ck / "config.json").unlink()
+    msg = f"file config.json is missing ({ck}"
+    for load in (lambda: C.load_model(ck), lambda: load_for_generation(ck, device="cpu"),
+                 lambda: run_eval(ck, token_data, seq_len=32, max_tokens=64)):
+        with pytest.raises(LlamactlError) as e:
+            load()
+        assert str(e.value).startswith(msg), str(e.value)
+    assert str(e.value) == f"file config.json is missing ({ck}, --model)"
+    # a plain Hugging Face directory (no llamactl.json) still loads: its config.json is the description
+    hf = tmp_path / "hf"
+    shutil.copytree(C.save(tmp_path / "ck2", _model(seed=2)), hf)
+    (hf / "llamactl.json").unlink()
+    assert C.read_meta(hf)["format"] == "hf" and torch.equal(C.load_model(hf)[0].norm.weight, _model(seed=2).norm.weight)

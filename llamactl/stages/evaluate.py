@@ -73,14 +73,11 @@ def run_eval(model_dir: Path, data_dir: Path, *, split: str = "val", seq_len: in
     from llamactl.data import TokenData, check_tokenizer, sha256_file
 
     model_dir = resolve_checkpoint(Path(model_dir))
-    problems = checkpoint.verify(model_dir)
-    if problems:
-        raise LlamactlError(f"checkpoint is not usable: {problems[0]} ({model_dir}, --model)")
     data = TokenData(data_dir, split)
-    model, meta = checkpoint.load_model(model_dir, device=device)
+    model, meta = checkpoint.load_model(model_dir, device=device, flag="--model")  # verifies each file once
     tok = checkpoint.tokenizer_path(model_dir)
-    check_tokenizer(data.index, Path(data_dir), model.cfg.vocab_size,
-                    sha256_file(tok) if tok and Path(tok).is_file() else None)
+    tok_sha = meta.get("files", {}).get(checkpoint.TOKENIZER_FILE, {}).get("sha256")  # verified by the load
+    check_tokenizer(data.index, Path(data_dir), model.cfg.vocab_size, tok_sha or sha256_file(tok))
     seq_len = seq_len or min(model.cfg.max_seq_len, int(meta.get("extra", {}).get("seq_len", 0) or model.cfg.max_seq_len))
     return evaluate_model(model, model.ctx, data, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                           show_progress=True)
