@@ -219,3 +219,24 @@ def test_one_line_errors(hf_dir, converted, tmp_path, capsys):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # failed writes leave no temporaries
     main(["convert", "--from", "hf", str(src), str(tmp_path / "ok"), "--tokenizer", str(converted / "tokenizer.model")])
     assert "wrote" in capsys.readouterr().out
+
+
+def test_bf16_training_checkpoint_exports_to_hf(tmp_path, tiny_tokenizer):
+    """save(dtype=bf16) with fp32 masters in train_state: the directory and its HF export hold the bf16
+    weights only (no train state, no masters), and transformers computes the bf16 model's logits."""
+    from llamactl.config import ModelConfig
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048, multiple_of=16, max_seq_len=64)
+    m = build_model(cfg, seed=6).eval()
+    ck = C.save(tmp_path / "step-000003", m, tokenizer=tiny_tokenizer, step=3, dtype=torch.bfloat16,
+                train_state={"step": 3})
+    assert (ck / "train_state" / "masters00000.pt").is_file()
+    out = export(ck, tmp_path / "hf", "hf", show_progress=False)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert not (out / "train_state").exists() and not (out / "llamactl.json").exists()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.bfloat16().float())  # the weights the export holds
+        want = m(TOKENS)
+    for d in (ck, out):
+        assert (_hf_logits(d) - want).abs().max().item() <= 1e-4, d
