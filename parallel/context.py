@@ -18,6 +18,35 @@ class LayoutError(ValueError):
     """A parallel layout that cannot work for this world or model (a user error, reported in one line)."""
 
 
+# what each layout number is, for messages that name the flag
+_LAYOUT_FLAGS = {"--tp": "tensor-parallel degree", "--pp": "pipeline-parallel degree",
+                 "--nproc": "process count per node", "--nnodes": "node count"}
+
+
+def check_layout(tp: int = 1, pp: int = 1, *, nproc: int | None = None, nnodes: int = 1,
+                 world: int | None = None) -> int:
+    """The one check of the layout numbers; returns dp (1 while the world is unknown).
+
+    Every number must be at least 1, and tp * pp must divide the world: `world` when it is known
+    (a launched process group), else nproc * nnodes when nproc is given. Raises a one-line LayoutError
+    naming the flag, so no caller ever divides by a zero or negative degree.
+    """
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--nproc", nproc), ("--nnodes", nnodes)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise LayoutError(f"{flag} {value!r} is not a valid {_LAYOUT_FLAGS[flag]}: it must be at least 1 ({flag})")
+    if world is None and nproc is not None:
+        world = nproc * nnodes
+        where = "--tp/--pp/--nproc" + (" x --nnodes" if nnodes > 1 else "")
+        of = f"the {world} processes (--nproc {nproc}" + (f" x --nnodes {nnodes})" if nnodes > 1 else ")")
+    else:
+        where, of = "--tp/--pp/--nproc", f"the world of {world} processes"
+    if world is None:
+        return 1
+    if world % (tp * pp):
+        raise LayoutError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide {of} ({where})")
+    return world // (tp * pp)
+
+
 @dataclass
 class ParallelContext:
     tp: int = 1
@@ -42,14 +71,13 @@ class ParallelContext:
     @classmethod
     def from_world(cls, tp: int = 1, pp: int = 1) -> "ParallelContext":
         """Build the groups from an initialised torch.distributed world (dp = world / (tp*pp))."""
+        check_layout(tp, pp)
         if not dist.is_available() or not dist.is_initialized():
             if tp * pp != 1:
                 raise LayoutError(f"tp={tp} pp={pp} needs {tp * pp} processes; launch with --nproc or torchrun (--tp/--pp)")
             return cls.single()
         world, rank = dist.get_world_size(), dist.get_rank()
-        if tp < 1 or pp < 1 or world % (tp * pp):
-            raise LayoutError(f"world size {world} is not divisible by tp*pp = {tp}*{pp} (--tp/--pp/--nproc)")
-        dp = world // (tp * pp)
+        dp = check_layout(tp, pp, world=world)
         ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank)
         ctx.tp_ranks, ctx.tp_group = _make_groups(rank, [[p * dp * tp + d * tp + t for t in range(tp)]
                                                           for p in range(pp) for d in range(dp)])
@@ -93,6 +121,7 @@ class ParallelContext:
     def validate(self, n_heads: int, n_kv_heads: int, n_layers: int, vocab_size: int, ffn_dim: int) -> None:
         """Raise LayoutError, naming the flag, if this layout cannot shard the model."""
         tp, pp = self.tp, self.pp
+        check_layout(tp, pp)
         if n_heads % tp:
             raise LayoutError(f"--tp {tp} does not divide the {n_heads} attention heads")
         if n_kv_heads % tp and tp % n_kv_heads:
