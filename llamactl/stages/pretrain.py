@@ -115,6 +115,9 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: Pa
         model = dataclasses.replace(model, max_seq_len=cfg.seq_len)
     cfg.batch_tokens = cfg.batch_tokens or btok
     cfg.micro_batch = cfg.micro_batch or max(1, min(micro, cfg.batch_tokens // cfg.seq_len))
+    from llamactl.parallel.context import check_layout
+
+    check_layout(par.tp, par.pp)  # --tp / --pp (or [parallel]) of 0 or less: a LayoutError naming the flag
     dp = max(1, par.nproc // (par.tp * par.pp))
     per_micro = cfg.micro_batch * cfg.seq_len * dp
     accum = max(1, round(cfg.batch_tokens / per_micro))
