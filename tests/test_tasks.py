@@ -56,6 +56,11 @@ def test_manifest_counts_sizes_and_hashes_match_the_files(suite):
             assert m["counts"][split][fam] == sum(r["family"] == fam for r in rows), (split, fam)
             assert m["counts"][split][fam] > 0
     cfg = m["config"]
+    assert SuiteConfig.from_dict(cfg) == SuiteConfig(seed=3)
+    with pytest.raises(LlamactlError, match=r"unknown suite config keys \['entites'\]"):
+        SuiteConfig.from_dict({**cfg, "entites": 3})
+    with pytest.raises(LlamactlError, match="max_list must be a number"):
+        SuiteConfig.from_dict({**cfg, "tasks": {"max_list": "4"}})
     assert all(m["counts"]["sft.train"][f] == cfg["sft_train"] for f in FAMILIES)
     assert all(m["counts"]["prompts.train"][f] == cfg["prompts_train"] for f in FAMILIES)
     assert all(m["counts"]["prompts.heldout"][f] <= cfg["heldout"] for f in FAMILIES)

@@ -49,6 +49,22 @@ class SuiteConfig:
     filler_documents: int = 3000
     tasks: TaskParams = field(default_factory=TaskParams)
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "suite config") -> "SuiteConfig":
+        """From a plain mapping (a TOML table, the manifest's "config"), unknown keys refused."""
+        d = dict(d)
+        tasks = d.pop("tasks", {})
+        for obj, known in ((d, cls), (tasks, TaskParams)):
+            unknown = set(obj) - {f.name for f in dataclasses.fields(known)}
+            if unknown:
+                raise LlamactlError(f"unknown suite config keys {sorted(unknown)} ({where})")
+            for f in dataclasses.fields(known):
+                v = obj.get(f.name)
+                want = float if f.type == "float" else int
+                if f.name != "tasks" and v is not None and (isinstance(v, bool) or not isinstance(v, (want, int))):
+                    raise LlamactlError(f"suite config key {f.name} must be a number, got {v!r} ({where})")
+        return cls(**d, tasks=TaskParams(**tasks))
+
 
 def _rng(seed: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}")
@@ -185,7 +201,11 @@ def write_suite(out, seed: Optional[int] = None, *, config: Optional[SuiteConfig
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / "x", out)  # put the user's directory back as it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
