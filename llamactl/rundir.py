@@ -47,7 +47,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 _STEP_NAME = re.compile(re.escape(CKPT_PREFIX) + r"(\d+)")
-_TEMP_NAME = re.compile(r"\." + re.escape(CKPT_PREFIX) + r"\d+\.(tmp|old)-.+|\." + LATEST_FILE + r"\..+")
+_TEMP_NAME = re.compile(r"\." + re.escape(CKPT_PREFIX) + r"\d+\.(tmp|old)-.+|\.(" + LATEST_FILE + r"|metrics\.jsonl)\..+")
 
 
 def is_step_dir(path, step: int | None = None) -> bool:
@@ -58,7 +58,7 @@ def is_step_dir(path, step: int | None = None) -> bool:
 
 def remove_stale_temps(run_dir) -> list[Path]:
     """Remove what a killed writer left in run_dir: `.step-*.tmp-*` (a checkpoint being written),
-    `.step-*.old-*` (one being replaced) and `.latest.*` (the pointer being replaced).
+    `.step-*.old-*` (one being replaced or deleted), `.latest.*` and `.metrics.jsonl.*` (being rewritten).
 
     Only for the process that writes run_dir (at the start of a run or resume, or before its next save):
     another process writing the same run dir at the same time would lose its temporary directory."""
@@ -109,7 +109,50 @@ def truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError):
             break  # a torn last line from a killed process
-    path.write_text("".join(x + "\n" for x in keep))
+    _replace_text(path, "".join(x + "\n" for x in keep))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a kill leaves the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_checkpoint(ckpt_dir) -> None:
+    """Delete a checkpoint so that a kill midway cannot leave a half-deleted directory under its name:
+    renamed to `.{name}.old-*` first (removed by remove_stale_temps if the kill comes during rmtree)."""
+    p = Path(ckpt_dir)
+    if not p.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{p.name}.old-", dir=p.parent))
+    os.rename(p, aside / p.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(run_dir) -> Path | None:
+    """Start of a run or resume, by the process that will write run_dir: remove what killed writers left
+    (remove_stale_temps), point `latest` at the newest complete checkpoint if it is stale, and return that
+    checkpoint (None when there is none)."""
+    remove_stale_temps(run_dir)
+    ckpt = latest(run_dir)
+    if ckpt is not None:
+        f = Path(run_dir) / LATEST_FILE
+        try:
+            named = f.read_text().strip() if f.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            named = ""
+        if named not in (ckpt.name, str(ckpt.resolve())):
+            set_latest(run_dir, ckpt)
+    return ckpt
 
 
 def is_complete(ckpt_dir) -> bool:

@@ -460,3 +460,58 @@ def test_missing_config_json_refused_by_every_loader(tmp_path, tiny_tokenizer, t
     shutil.copytree(C.save(tmp_path / "ck2", _model(seed=2)), hf)
     (hf / "llamactl.json").unlink()
     assert C.read_meta(hf)["format"] == "hf" and torch.equal(C.load_model(hf)[0].norm.weight, _model(seed=2).norm.weight)
+
+
+# ---- a run dir after kills: stale `latest`, re-saved steps, leftovers -------------------------------------
+def test_stale_latest_resave_and_leftovers(tmp_path):
+    """Issue 13's reproduction at the API: delete the last step, point `latest` two steps back; resume must
+    take the newest complete step, and saving the next steps (even one that exists) must work."""
+    from llamactl import rundir
+
+    run = tmp_path / "run"
+    m = _model()
+    for s in (1, 2, 3):
+        rundir.set_latest(run, C.save(run / f"step-00000{s}", m, step=s, train_state={"step": s}))
+    import shutil
+
+    shutil.rmtree(run / "step-000003")
+    rundir.set_latest(run, run / "step-000001")
+    (run / ".step-000003.tmp-dead").mkdir()                  # a killed save
+    (run / ".step-000002.old-dead").mkdir()                  # a killed replace / delete
+    (run / ".latest.dead").write_text("step-000003\n")       # a killed pointer update
+    assert C.latest(run).name == "step-000002"
+    assert rundir.recover(run).name == "step-000002"
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000001", "step-000002"]
+    assert (run / "latest").read_text().strip() == "step-000002"
+    # the same step saved again (a resume that recomputed it) replaces it atomically; another path is refused
+    m2 = _model(seed=9)
+    C.save(run / "step-000002", m2, step=2, train_state={"step": 2})
+    assert torch.equal(C.load_model(run / "step-000002")[0].norm.weight, m2.norm.weight)
+    with pytest.raises(LlamactlError, match="already exists"):
+        C.save(run / "step-000001", m2, step=2)
+    # leftovers are removed by the run's next save, not by readers
+    (run / ".step-000004.tmp-dead").mkdir()
+    assert C.latest(run).name == "step-000002" and (run / ".step-000004.tmp-dead").exists()
+    C.save(run / "step-000003", m, step=3)
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000001", "step-000002", "step-000003"]
+    rundir.remove_checkpoint(run / "step-000001")
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step-000002", "step-000003"]
+
+
+def test_truncate_metrics_is_atomic_and_drops_torn_rows(tmp_path, monkeypatch):
+    from llamactl import rundir
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    rundir.truncate_metrics(path, 1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for a kill while the new file is written
+
+    monkeypatch.setattr(rundir.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.truncate_metrics(path, 1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
