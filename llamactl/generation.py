@@ -1,9 +1,20 @@
 """Batched KV-cache generation: the engine behind chat, rejection sampling and PPO rollouts.
 
-Prompts of different lengths share one batch by left padding: each row gets explicit RoPE positions
-(0.. for its real tokens) and a key mask, so no pad token is ever attended to. Decoding writes into a
-cache preallocated once per batch; only the last position's logits are computed; rows that emit EOS
-are dropped from the batch (their cache rows go with them), so finished sequences cost nothing.
+Padding (model.py's one convention: a padded batch is described by its real-token mask, or by lengths
+for right padding): callers pass unpadded token lists and get unpadded Samples back; `collate` turns
+samples into right-padded training tensors (Rollout) that `scoring.token_logprobs` and
+`scoring.sequence_scores` read. Inside, prompts of different lengths share one batch by left padding
+(every row then decodes at the same cache position): its real-token mask gives each row RoPE positions
+counted from its first real token and a key mask (`padding_layout`), so no pad is ever attended to and
+a row decodes exactly as it would alone. Decoding writes into a cache preallocated once per batch;
+only the last position's logits are computed; rows that emit EOS are dropped from the batch (their
+cache rows go with them), so finished sequences cost nothing.
+
+Any layout: under tensor parallelism every rank runs its weight slices; under pipeline parallelism
+(PPO generates in its training layout, e.g. tp 8 x pp 8 for 70b) each stage runs its own layers with
+its own KV cache and hands the activations to the next (llamactl/pipe.py); the last stage samples and
+broadcasts the tokens (and their log-probs) over the pipeline group, so every rank returns the same
+Samples. `autocast_dtype` runs the forwards in bf16 from fp32 master weights (rollouts on GPU).
 
 Sampling is Meta's reference exactly: greedy at temperature 0, else softmax(logits / T) and top-p
 (sort descending, cumulative sum, drop tokens whose preceding mass already exceeds p -- the token that
@@ -32,8 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from llamactl.errors import LlamactlError
+from llamactl.model import padding_layout
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.tensor import gather_from_tp
+from llamactl.pipe import autocast, from_last_stage, stage_forward
 
 
 @dataclass
@@ -133,17 +146,23 @@ OnStep = Callable[[list[int], list[int]], bool | None]
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = None, ctx: ParallelContext | None = None,
              batch_size: int | None = None, seeds: list[int] | None = None,
-             on_step: OnStep | None = None, progress: Callable[[int], None] | None = None) -> list[Sample]:
+             on_step: OnStep | None = None, progress: Callable[[int], None] | None = None,
+             autocast_dtype: torch.dtype | None = None) -> list[Sample]:
     """Continue every prompt (token id lists) by up to max_new_tokens tokens; one Sample per prompt, in order.
 
     batch_size: rows decoded together (default: all); prompts are grouped by length to limit padding,
     which changes no result. seeds: per-prompt generator seeds (default sequence_seed(seed, i)).
     on_step(rows, tokens): called after each decode step with the prompt indices still running and
-    their new tokens; returning True stops everything ("interrupted"). progress(n): n prompts finished.
+    their new tokens; returning True stops everything ("interrupted"); under tp / pp it runs on every
+    rank and must answer the same on all of them. progress(n): n prompts finished.
+    autocast_dtype: run the forwards under torch.autocast to this dtype (e.g. torch.bfloat16 rollouts from
+    fp32 master weights on GPU; the KV cache is kept in it too); sampling and log-probs stay fp32.
     """
     ctx = ctx or getattr(model, "ctx", None) or ParallelContext.single()
-    if ctx.pp > 1:
-        raise LlamactlError("pipeline-parallel generation is not supported; generate with --pp 1 (tensor parallel is fine)")
+    built = getattr(model, "ctx", None)
+    if built is not None and (built.tp, built.pp) != (ctx.tp, ctx.pp):
+        raise ValueError(f"ctx (tp {ctx.tp}, pp {ctx.pp}) does not match the layout the model was built for "
+                         f"(tp {built.tp}, pp {built.pp})")
     if getattr(model, "head", "lm") != "lm":
         raise LlamactlError(f"generation needs a language-model checkpoint, not a {model.head} head (--model)")
     if max_new_tokens < 1:
@@ -167,14 +186,15 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
                 out[r].finish_reason = "interrupted"
         else:
             stopped = _generate_batch(model, ctx, [prompts[r] for r in rows], rows, [seeds[r] for r in rows], out,
-                                      max_new_tokens, temperature, top_p, eos_id, on_step)
+                                      max_new_tokens, temperature, top_p, eos_id, on_step, autocast_dtype)
         if progress is not None:
             progress(len(rows))
     return out
 
 
 @torch.inference_mode()
-def _generate_batch(model, ctx, prompts, rows, seeds, out, max_new, temperature, top_p, eos_id, on_step) -> bool:
+def _generate_batch(model, ctx, prompts, rows, seeds, out, max_new, temperature, top_p, eos_id, on_step,
+                    autocast_dtype) -> bool:
     """Decode one batch in place into out[rows[i]]; True when on_step asked to stop."""
     device = next(model.parameters()).device
     b = len(prompts)
@@ -185,31 +205,44 @@ def _generate_batch(model, ctx, prompts, rows, seeds, out, max_new, temperature,
         raise LlamactlError(f"prompt of {plen} tokens + {max_new} new tokens exceeds the model context of "
                             f"{limit} (--max-new-tokens or a shorter prompt)")
     total = plen + max_new
-    cache = model.new_cache(b, total)
+    cache = model.new_cache(b, total, dtype=autocast_dtype)
     tokens = torch.zeros(b, plen, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, plen - len(p):] = torch.tensor(p, dtype=torch.long)
     tokens = tokens.to(device)
     padded = min(lens) != plen
     positions = key_mask = next_pos = None
-    if padded:
-        pad = torch.tensor([plen - n for n in lens], device=device)
-        ar = torch.arange(plen, device=device)
-        positions = (ar[None] - pad[:, None]).clamp(min=0)
+    if padded:  # left padding, described by its real-token mask (model.padding_layout)
+        real = torch.arange(plen)[None] >= torch.tensor([plen - n for n in lens])[:, None]
+        positions, _ = padding_layout(real.to(device))
         key_mask = torch.ones(b, total, dtype=torch.bool, device=device)
-        key_mask[:, :plen] = ar[None] >= pad[:, None]
+        key_mask[:, :plen] = real.to(device)
         next_pos = torch.tensor(lens, device=device)[:, None]  # (B, 1) RoPE position of the next token
     gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds] if temperature > 0 else None
+    amp = autocast(autocast_dtype, device)
+    pp = ctx.pp > 1
 
-    logits = lm_logits(model, model(tokens, start_pos=0, cache=cache, positions=positions,
-                                     key_mask=key_mask[:, :plen] if padded else None, last_only=True,
-                                     return_hidden=True))
+    def pick(x, **kw):
+        """One forward over this rank's stage, then the next token of every row (on every rank)."""
+        with amp:
+            hidden = stage_forward(model, x, ctx, cache=cache, last_only=True, return_hidden=True, **kw)
+        if hidden is None:  # an earlier pipeline stage: the last one samples and broadcasts
+            res = None
+        else:
+            res = next_token(lm_logits(model, hidden), ctx, temperature=temperature, top_p=top_p, generators=gens)
+        if not pp:
+            return res
+        packed = None if res is None else torch.stack([r.double() for r in res], 1)
+        packed = from_last_stage(packed, (x.shape[0], 3), torch.float64, device, ctx)
+        return packed[:, 0].long(), packed[:, 1].float(), packed[:, 2].float()
+
+    nxt = pick(tokens, start_pos=0, positions=positions, key_mask=key_mask[:, :plen] if padded else None)
     alive = list(range(b))  # batch row -> index into prompts/rows
     toks_hist, lp_hist, slp_hist, alive_hist = [], [], [], []
     finished = {}
     interrupted = False
     for step in range(max_new):
-        tok, lp, slp = next_token(logits, ctx, temperature=temperature, top_p=top_p, generators=gens)
+        tok, lp, slp = nxt
         toks_hist.append(tok)
         lp_hist.append(lp)
         slp_hist.append(slp)
@@ -238,11 +271,9 @@ def _generate_batch(model, ctx, prompts, rows, seeds, out, max_new, temperature,
                     next_pos = next_pos.index_select(0, keep)
         pos = plen + step
         if padded:
-            hidden = model(tok[:, None], start_pos=pos, cache=cache, positions=next_pos + step,
-                           key_mask=key_mask[:, :pos + 1], last_only=True, return_hidden=True)
+            nxt = pick(tok[:, None], start_pos=pos, positions=next_pos + step, key_mask=key_mask[:, :pos + 1])
         else:
-            hidden = model(tok[:, None], start_pos=pos, cache=cache, last_only=True, return_hidden=True)
-        logits = lm_logits(model, hidden)
+            nxt = pick(tok[:, None], start_pos=pos)
     _collect(out, rows, alive_hist, toks_hist, lp_hist, slp_hist, finished, eos_id, interrupted)
     return interrupted
 
@@ -266,6 +297,42 @@ def _collect(out, rows, alive_hist, toks_hist, lp_hist, slp_hist, finished, eos_
             s.finish_reason = "interrupted"
         else:
             s.finish_reason = "length"
+
+
+# ---- samples back into training tensors ---------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """Samples as right-padded training tensors (model.py's padding convention: lengths, pad after).
+
+    tokens (B, T) long: prompt + generated tokens (EOS included when the sample stopped), pad_id after.
+    mask (B, T) bool: True at generated tokens, the only ones that carry loss (PPO, rejection-sampling
+    SFT); prompt and padding are False. lengths (B,) long: prompt + generated tokens.
+    logprobs (B, T) fp32: the sampling policy's log p_{T=1} of each generated token, 0 elsewhere.
+    The model's prediction for tokens[:, t] is made at t - 1, so against `token_logprobs(...)` (B, T-1)
+    use mask[:, 1:] and logprobs[:, 1:].
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def collate(samples: Sequence[Sample], pad_id: int = 0, *, device=None) -> Rollout:
+    """Right-padded tensors of prompt + response for a batch of Samples (see Rollout)."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    lengths = [len(s.prompt) + len(s.tokens) for s in samples]
+    t = max(lengths)
+    tokens = torch.full((len(samples), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), t, dtype=torch.bool)
+    logprobs = torch.zeros(len(samples), t, dtype=torch.float32)
+    for i, s in enumerate(samples):
+        n, m = len(s.prompt), len(s.tokens)
+        tokens[i, :n + m] = torch.tensor(s.prompt + s.tokens, dtype=torch.long)
+        mask[i, n:n + m] = True
+        logprobs[i, n:n + m] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return Rollout(tokens.to(device), mask.to(device), torch.tensor(lengths, device=device), logprobs.to(device))
 
 
 # ---- CPU decode layout ------------------------------------------------------------------------------------------
@@ -297,7 +364,7 @@ def decode_layout(model, *, pack_head: bool = True) -> int:
 def load_for_generation(model_dir, device: str = "auto", ctx: ParallelContext | None = None):
     """(model in eval mode, Tokenizer) from a checkpoint directory; bf16 on CUDA, fp32 on CPU.
 
-    With a tensor-parallel ctx every rank loads only its own slices (no consolidation)."""
+    With a tp / pp ctx every rank loads only its own slices and layers (no consolidation)."""
     from pathlib import Path
 
     from llamactl import checkpoint
@@ -310,8 +377,6 @@ def load_for_generation(model_dir, device: str = "auto", ctx: ParallelContext | 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if ctx is not None and ctx.pp > 1:
-        raise LlamactlError("generation runs with tensor parallelism only; use --pp 1 (--tp N)")
     model, _ = checkpoint.load_model(model_dir, ctx, device=device, dtype=dtype)
     decode_layout(model)
     tok = Tokenizer.load(checkpoint.tokenizer_path(model_dir))
@@ -371,7 +436,8 @@ def run_generate(model_dir, *, prompt: str | None, prompts_file, raw: bool, syst
                  device: str = "auto", ctx: ParallelContext | None = None) -> list[dict]:
     """`llamactl generate`: K samples per prompt as JSONL records (to `out`, or stdout).
 
-    Under tensor parallelism every rank decodes the same tokens from its weight slices; rank 0 writes."""
+    Under tp / pp every rank ends with the same tokens (each decodes with its weight slices and layers,
+    the last stage samples and broadcasts); rank 0 writes."""
     import json
     import sys
     import time

@@ -158,7 +158,9 @@ class Transformer(nn.Module):
 
     # ---- rope tables (recomputed after meta -> real materialisation) ----------------------------------
     def _rope(self, n: int, device):
-        if self._rope_len < n or self.rope_cos.device != torch.device(device) or self.rope_cos.is_meta:
+        # tables made under inference_mode (a rollout) cannot be saved for a later backward (PPO's ratio)
+        stale = self.rope_cos.is_inference() and not torch.is_inference_mode_enabled()
+        if self._rope_len < n or self.rope_cos.device != torch.device(device) or self.rope_cos.is_meta or stale:
             size = max(n, self.cfg.max_seq_len)
             self.rope_cos, self.rope_sin = rope_tables(self.cfg.head_dim, size, self.cfg.rope_theta, device=device)
             self._rope_len = size
@@ -223,9 +225,53 @@ def _attention_mask(t: int, start_pos: int, key_mask: torch.Tensor | None, devic
     return mask
 
 
-def last_token(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-sequence scalar from per-token values (B, T): the value at index lengths-1 (right padding)."""
-    return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+# ---- padding: one convention for scoring, generation and last_token ------------------------------------
+# A padded batch (B, T) is described by which tokens are real: `lengths` (B,) for right padding (row i's
+# real tokens are tokens[i, :lengths[i]]: what `collate` and the data loaders produce), or a bool mask
+# (B, T), True at real tokens, contiguous in each row, padding on either side. Right padding needs no
+# attention mask and no position offsets (causal attention never lets a real token see a later pad), so
+# it runs the plain causal path; left padding gets per-row RoPE positions counted from the first real
+# token and a key mask, so in both cases a row scores exactly as it would alone.
+def real_mask(lengths_or_mask: torch.Tensor | None, shape, device=None) -> torch.Tensor:
+    """The (B, T) bool mask of real tokens from lengths (B,) (right padding) or a mask (B, T) (any side)."""
+    b, t = shape
+    if lengths_or_mask is None:
+        return torch.ones(b, t, dtype=torch.bool, device=device)
+    x = torch.as_tensor(lengths_or_mask, device=device)
+    if x.dim() == 1:
+        if x.shape[0] != b or bool((x < 1).any()) or bool((x > t).any()):
+            raise ValueError(f"lengths must be {b} values in [1, {t}], got {x.tolist()}")
+        return torch.arange(t, device=x.device)[None] < x[:, None]
+    if tuple(x.shape) != (b, t):
+        raise ValueError(f"mask of shape {tuple(x.shape)} does not match tokens {(b, t)}")
+    return x.bool()
+
+
+def padding_layout(mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(positions, key_mask) for Transformer.forward from a real-token mask (B, T): (None, None) when every
+    row is right-padded (or unpadded), else RoPE positions from each row's first real token and the mask."""
+    n = mask.sum(1)
+    if bool((n < 1).any()):
+        raise ValueError("every row needs at least one real token")
+    t = mask.shape[1]
+    first = mask.int().argmax(1)
+    last = t - 1 - mask.flip(1).int().argmax(1)
+    if bool((last - first + 1 != n).any()):
+        raise ValueError("padding must be at the ends of a row (real tokens contiguous)")
+    if bool((first == 0).all()):
+        return None, None
+    positions = (torch.arange(t, device=mask.device)[None] - first[:, None]).clamp(min=0)
+    return positions, mask
+
+
+def last_token(values: torch.Tensor, lengths_or_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence scalar from per-token values (B, T): the value at each row's last real token, given
+    lengths (B,) (right padding: index lengths-1) or a real-token mask (B, T) (padding on either side)."""
+    if lengths_or_mask.dim() == 2:
+        idx = values.shape[1] - 1 - lengths_or_mask.int().flip(1).argmax(1)
+    else:
+        idx = (lengths_or_mask - 1).clamp(min=0)
+    return values.gather(1, idx.to(values.device).unsqueeze(1)).squeeze(1)
 
 
 # ---- construction and initialisation ---------------------------------------------------------------

@@ -10,6 +10,7 @@ from llamactl.errors import LlamactlError
 from llamactl.generation import Sample, generate, next_token, sequence_seed
 from llamactl.model import build_model
 from llamactl.parallel.context import ParallelContext
+from dist_utils import spawn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -199,10 +200,10 @@ def test_top_p_keeps_the_token_that_crosses_p():
 
 
 # ---- errors and interruption -----------------------------------------------------------------------------
-def test_context_overflow_and_pipeline_are_clear_errors(model):
+def test_context_overflow_and_layout_mismatch_are_clear_errors(model):
     with pytest.raises(LlamactlError, match="max-new-tokens"):
         generate(model, [[1] * 60], max_new_tokens=10)
-    with pytest.raises(LlamactlError, match="pipeline"):
+    with pytest.raises(ValueError, match="layout"):
         generate(model, [[1]], max_new_tokens=2, ctx=ParallelContext(pp=2))
     with pytest.raises(LlamactlError, match="top-p"):
         generate(model, [[1]], max_new_tokens=2, top_p=0.0)
@@ -244,3 +245,82 @@ def test_decode_layout_changes_no_result():
     a, b = generate(plain, PROMPTS, **kw), generate(fast, PROMPTS, **kw)
     assert [x.tokens for x in a] == [y.tokens for y in b]
     torch.testing.assert_close(torch.tensor(a[0].logprobs), torch.tensor(b[0].logprobs), atol=1e-5, rtol=0)
+
+
+# ---- any layout: pp 2 and tp 2 x pp 2 against one process --------------------------------------------------
+def _layout_config():
+    # tp 2 needs an even vocab and kv heads: 6 heads sharing 2 kv heads, vocab 98; 3 layers split unevenly
+    return odd_config(n_kv_heads=2, vocab_size=98)
+
+
+def _same_samples(got, want, tag):
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens, f"{tag}: {g.tokens} != {w.tokens}"
+        assert g.finish_reason == w.finish_reason, tag
+        assert max((abs(a - b) for a, b in zip(g.logprobs, w.logprobs)), default=0.0) <= 1e-5, tag
+        assert max((abs(a - b) for a, b in zip(g.sample_logprobs, w.sample_logprobs)), default=0.0) <= 1e-5, tag
+
+
+def _any_layout(rank, world, tp, pp):
+    """generate at (tp, pp) equals one process for a fixed seed: greedy and sampled, padded prompts, EOS."""
+    import torch.distributed as dist
+
+    cfg = _layout_config()
+    single = build_model(cfg, seed=5).eval()
+    ctx = ParallelContext.from_world(tp=tp, pp=pp)
+    model = build_model(cfg, ctx, seed=5).eval()
+    eos = generate(single, PROMPTS, max_new_tokens=10)[1].tokens[2]  # stops one row early, the others run on
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.8, seed=11), dict(temperature=1.0, seed=2)):
+        kw = dict(max_new_tokens=10, eos_id=eos, **kw)
+        want = generate(single, PROMPTS, **kw)
+        got = generate(model, PROMPTS, ctx=ctx, **kw)
+        _same_samples(got, want, f"tp={tp} pp={pp} {kw}")
+        everyone = [None] * world
+        dist.all_gather_object(everyone, [g.tokens for g in got])
+        assert all(e == everyone[0] for e in everyone), "ranks ended with different tokens"
+        if kw["temperature"] == 0:  # rows were dropped mid-batch while others ran on
+            assert any(s.finish_reason == "stop" for s in want) and any(s.finish_reason == "length" for s in want)
+
+
+def test_generate_at_pp2():
+    spawn(_any_layout, 2, 1, 2)
+
+
+def test_generate_at_tp2_pp2():
+    spawn(_any_layout, 4, 2, 2)
+
+
+# ---- bf16 rollouts and collation ----------------------------------------------------------------------------
+def test_bf16_autocast_rollouts_track_fp32():
+    """autocast_dtype=bfloat16 from fp32 weights: runs, and its log-probs of the tokens it chose are those
+    of the fp32 model within bf16 rounding (teacher-forced in fp32)."""
+    from llamactl.scoring import token_logprobs
+
+    model = build_model(odd_config(), seed=7).eval()
+    got = generate(model, PROMPTS, max_new_tokens=8, temperature=0.8, seed=1, autocast_dtype=torch.bfloat16)
+    for s in got:
+        assert len(s.tokens) == 8
+        seq = torch.tensor([s.prompt + s.tokens])
+        ref = token_logprobs(model, seq)[0, len(s.prompt) - 1:]
+        torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=0.1, rtol=0)
+    fp32 = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0)
+    bf16 = generate(model, PROMPTS, max_new_tokens=8, temperature=0.0, autocast_dtype=torch.bfloat16)
+    assert sum(a.tokens[0] == b.tokens[0] for a, b in zip(fp32, bf16)) >= len(PROMPTS) - 1  # same greedy start
+
+
+def test_collate_gives_right_padded_training_tensors(model):
+    from llamactl.generation import collate
+    from llamactl.scoring import token_logprobs
+
+    samples = generate(model, PROMPTS, max_new_tokens=6, temperature=1.0, seed=9, eos_id=PROMPTS[0][1])
+    r = collate(samples, pad_id=0)
+    b, t = r.tokens.shape
+    assert t == max(len(s.prompt) + len(s.tokens) for s in samples)
+    for i, s in enumerate(samples):
+        n, m = len(s.prompt), len(s.tokens)
+        assert r.tokens[i, :n + m].tolist() == s.prompt + s.tokens and bool((r.tokens[i, n + m:] == 0).all())
+        assert r.mask[i].nonzero()[:, 0].tolist() == list(range(n, n + m)) and int(r.lengths[i]) == n + m
+    # the sampler's log-probs are the teacher-forced ones at the response tokens (PPO's old log-probs)
+    lp = token_logprobs(model, r.tokens, r.lengths)
+    torch.testing.assert_close(lp[r.mask[:, 1:]], r.logprobs[:, 1:][r.mask[:, 1:]], atol=1e-5, rtol=0)
+    assert bool((r.logprobs[~r.mask] == 0).all())

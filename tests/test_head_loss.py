@@ -95,10 +95,35 @@ def test_bf16_autocast_within_bf16_tolerance():
     torch.testing.assert_close(head.weight.grad, want_dw, rtol=5e-2, atol=5e-3)
 
 
+@pytest.mark.parametrize("block_rows", [None, 1, 4])
+@pytest.mark.parametrize("ignore", [-100, 4])
+def test_per_token_mode_matches_full_logits_path(block_rows, ignore):
+    """reduction="none": per-token values and, for per-token incoming gradients, d hidden and d weight."""
+    head, h, target = _setup(ignore=ignore)
+    gw = torch.randn(target.shape, generator=torch.Generator().manual_seed(9))  # e.g. PPO advantages
+    hr = h.clone().requires_grad_()
+    wr = head.weight.detach().clone().requires_grad_()
+    logits = F.linear(hr, wr)
+    want = F.cross_entropy(logits.view(-1, logits.shape[-1]), target.view(-1), reduction="none",
+                           ignore_index=ignore).view(target.shape)
+    (want * gw).sum().backward()
+    hg = h.clone().requires_grad_()
+    got = lm_head_cross_entropy(hg, head, target, CTX, reduction="none", ignore_index=ignore,
+                                block_rows=block_rows)
+    assert got.shape == target.shape and bool((got[target == ignore] == 0).all())
+    (got * gw).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hg.grad, hr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, wr.grad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # no-grad scoring: values only, nothing kept for a backward
+        again = lm_head_cross_entropy(h, head, target, CTX, reduction="none", ignore_index=ignore)
+    torch.testing.assert_close(again, want.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_arguments_are_clear_errors():
     head, h, target = _setup()
-    with pytest.raises(ValueError, match="per-token losses"):
-        lm_head_cross_entropy(h, head, target, CTX, reduction="none")
+    with pytest.raises(ValueError, match="reduction"):
+        lm_head_cross_entropy(h, head, target, CTX, reduction="max")
     with pytest.raises(ValueError, match="does not match"):
         lm_head_cross_entropy(h, head, target[:, :3], CTX)
 
