@@ -5,7 +5,11 @@ Errors a user can cause are printed as one line, `error: <what> (<where>)`, with
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +17,7 @@ import typer
 
 from llamactl.errors import LlamactlError
 from llamactl.parallel.context import LayoutError
+from llamactl.stages.runner import LaunchOptions
 from llamactl.ui import console, err_console, table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -76,70 +81,114 @@ def data_prepare(
                         ["split", "documents", "tokens", "shards"], rows))
 
 
+# ---- options every training command shares (declared once) ------------------------------------------
+@dataclass
+class StageOptions:
+    """What every training command takes besides its own flags: the config file, --dry-run, --resume and the
+    launcher flags (stages.runner.LaunchOptions)."""
+
+    config: Optional[Path]
+    dry_run: bool
+    resume: bool
+    launch: LaunchOptions
+
+
+def _option(name: str, annotation, default, *flags: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *flags, help=help))
+
+
+def _stage_parameters(sections: tuple[str, ...]) -> list[inspect.Parameter]:
+    names = ", ".join(rf"\[{s}]" for s in sections)  # escaped: rich markup would swallow [name]
+    return [
+        _option("config", Optional[Path], None, "--config", help=f"TOML file with {names} sections (flags win over it)."),
+        _option("dry_run", bool, False, "--dry-run", help="Print the resolved config and plan, then stop."),
+        _option("resume", bool, False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
+        _option("tp", Optional[int], None, "--tp", help="Tensor-parallel degree (default 1)."),
+        _option("pp", Optional[int], None, "--pp", help="Pipeline-parallel degree (default 1)."),
+        _option("nproc", Optional[int], None, "--nproc", help="Processes (GPUs) on this node; > 1 re-launches through torchrun (default 1)."),
+        _option("zero", Optional[bool], None, "--zero/--no-zero", help="ZeRO-1: shard the AdamW state over data parallel (default off)."),
+        _option("nnodes", Optional[int], None, "--nnodes", help="Nodes (run the same command on each; passed to torchrun; default 1)."),
+        _option("node_rank", int, 0, "--node-rank", help="This node's rank, 0..nnodes-1 (passed to torchrun)."),
+        _option("master_addr", Optional[str], None, "--master-addr", help="Address of node 0 (passed to torchrun)."),
+        _option("master_port", Optional[int], None, "--master-port", help="Port on node 0 (passed to torchrun)."),
+    ]
+
+
+def stage_command(*sections: str):
+    """Decorator for a training command: adds the shared options (`_stage_parameters`) to its signature, and
+    hands them to it as one `opts: StageOptions` argument. A new stage command declares only its own flags."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.name != "opts"]
+        extra = _stage_parameters(sections)
+        names = [p.name for p in extra]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            v = {k: kwargs.pop(k) for k in names}
+            launch = LaunchOptions(tp=v["tp"], pp=v["pp"], nproc=v["nproc"], nnodes=v["nnodes"], zero=v["zero"],
+                                   node_rank=v["node_rank"], master_addr=v["master_addr"], master_port=v["master_port"])
+            return fn(*args, opts=StageOptions(v["config"], v["dry_run"], v["resume"], launch), **kwargs)
+
+        command.__signature__ = sig.replace(parameters=own + extra)
+        return command
+
+    return wrap
+
+
 @app.command()
+@stage_command("pretrain", "model", "parallel")
 def pretrain(
     size: Optional[str] = typer.Option(None, "--size", help=f"Model preset: {SIZES} (default tiny)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared data directory (llamactl data prepare)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (metrics, config, checkpoints)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens (alternative to --steps)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length of training windows."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Global batch size in tokens (accumulation fills it)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length of training windows (at most the model's max_seq_len)."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Global batch size in tokens (accumulation fills it; a multiple of micro-batch x seq-len x dp)."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per forward/backward pass."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: paper value per size)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Warmup steps (default: min(2000, 10% of steps))."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (to 10% of peak) or constant."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
     keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept in the run dir."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights and data order."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the one recorded with the data)."),
     recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Activation recomputation per layer."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step."),
     peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU (default: measured)."),
-    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Held-out tokens scored at the end (0: skip)."),
+    eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Held-out tokens scored at the end and by --eval-every (0: skip)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help='Validation loss on the val split every N steps, rows with "split": "val" in metrics.jsonl (0: off).'),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Stored weights: bfloat16 (default), float32 or float16; exact fp32 masters stay in train_state for --resume."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the latest checkpoint in --out."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [pretrain], [model], [parallel] sections."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and plan, then stop."),
-    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree."),
-    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel degree."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) on this node; > 1 re-launches through torchrun."),
-    nnodes: int = typer.Option(1, "--nnodes", help="Nodes (run the same command on each; passed to torchrun)."),
-    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0..nnodes-1 (passed to torchrun)."),
-    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 (passed to torchrun)."),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="Port on node 0 (passed to torchrun)."),
+    *,
+    opts: StageOptions,
 ):
-    """Pretrain a model from scratch with the paper's recipe (AdamW, cosine to 10 %, warmup, clip 1)."""
-    import os
+    """Pretrain a model from scratch with the paper's recipe (AdamW, cosine to 10 %, warmup, clip 1).
 
-    from llamactl.config import ParallelConfig
-    from llamactl.parallel.launch import LaunchConfig, maybe_relaunch
-    from llamactl.plan import dry_run_plan, layout_error, print_run_plan
+    Exit status: 0 when the run finished; 130 (SIGINT) or 143 (SIGTERM) when a signal stopped it after saving a checkpoint (continue with --resume); 1 on an error.
+    """
+    from llamactl.plan import dry_run_plan
     from llamactl.stages import pretrain as stage
+    from llamactl.stages.runner import run_stage
 
-    world = int(os.environ.get("WORLD_SIZE", nproc * nnodes))  # under torchrun: the launched world
-    if dry_run and data is None and config is None:
+    if opts.dry_run and data is None and opts.config is None:
+        la = opts.launch
+        tp, pp = la.tp or 1, la.pp or 1
+        world = int(os.environ.get("WORLD_SIZE", (la.nproc or 1) * (la.nnodes or 1)))
         dry_run_plan(size or "tiny", "pretrain", tp=tp, pp=pp, gpus=world, seq_len=seq_len, micro_batch=micro_batch,
-                     tokens=tokens)
+                     tokens=tokens, zero=bool(la.zero))
         return
-
     flags = dict(size=size, data=str(data) if data else None, out=str(out) if out else None, steps=steps,
                  tokens=tokens, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr,
                  warmup=warmup, schedule=schedule, save_every=save_every, keep=keep, seed=seed,
                  tokenizer=str(tokenizer) if tokenizer else None, recompute=recompute, compile=compile,
-                 peak_flops=peak_flops, eval_tokens=eval_tokens, device=device)
-    plan_ = stage.resolve(flags, config, ParallelConfig(tp=tp, pp=pp, nproc=world))
-    par = plan_.parallel
-    err = layout_error(plan_.model, par.tp, par.pp)
-    if err:
-        raise LlamactlError(err)
-    if dry_run:
-        stage.describe(plan_)
-        print_run_plan(plan_.cfg.size, plan_.model, "pretrain", tp=par.tp, pp=par.pp, gpus=world,
-                       seq_len=plan_.cfg.seq_len, micro_batch=plan_.cfg.micro_batch, tokens=plan_.cfg.tokens)
-        return
-    maybe_relaunch(par.tp, par.pp, LaunchConfig(nproc, nnodes, node_rank, master_addr, master_port))
-    stage.run(plan_, resume=resume)
+                 peak_flops=peak_flops, eval_tokens=eval_tokens, eval_every=eval_every, save_dtype=save_dtype,
+                 device=device)
+    run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
+              dry_run=opts.dry_run, resume=opts.resume)
 
 
 @app.command("eval")

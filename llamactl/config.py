@@ -96,12 +96,34 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Requested layout: tensor, pipeline parallel degrees; data parallel fills the rest of the world."""
+    """Requested layout: tensor, pipeline parallel degrees; data parallel fills the rest of the world.
+
+    nproc and nnodes mean what the flags of the same name mean (processes per node, nodes); zero shards the
+    AdamW state over data parallel (ZeRO-1)."""
 
     tp: int = 1
     pp: int = 1
     nproc: int = 1
+    nnodes: int = 1
+    zero: bool = False
     microbatches: int | None = None  # pipeline micro-batches per step (default: pp * 2)
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
+
+    @property
+    def dp(self) -> int:
+        return max(1, self.world // (self.tp * self.pp))
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "nproc", "nnodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LlamactlError(f"{name} must be a whole number >= 1, got {v!r} (--{name})")
+        if self.world % (self.tp * self.pp):
+            raise LlamactlError(f"--tp {self.tp} x --pp {self.pp} does not divide the {self.world} processes "
+                                f"(--nproc {self.nproc} x --nnodes {self.nnodes})")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -116,7 +138,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(obj: Any, values: dict[str, Any], where: str) -> Any:
-    """Return a copy of dataclass obj with values set, rejecting unknown keys by name."""
+    """Return a copy of dataclass obj with values set, rejecting unknown keys by name. Later layers go on top
+    of earlier ones: preset <- config file <- flags (pass only the flags the user gave)."""
     known = {f.name for f in fields(obj)}
     unknown = set(values) - known
     if unknown:

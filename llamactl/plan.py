@@ -198,9 +198,10 @@ def memory_for(cfg: ModelConfig, stage: str, tp: int, pp: int, dp: int, *, zero:
 
 
 def flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Training FLOPs per token (same formula as trainer.model_flops_per_token)."""
-    n = cfg.num_params() - cfg.vocab_size * cfg.dim
-    return 6.0 * n + 6.0 * cfg.n_layers * cfg.dim * seq
+    """Training FLOPs per token: the trainer's formula (flops.model_flops_per_token), one definition."""
+    from llamactl.flops import model_flops_per_token
+
+    return model_flops_per_token(cfg, seq)
 
 
 def stage_flops_per_token(cfg: ModelConfig, stage: str, seq: int) -> float:
@@ -229,24 +230,33 @@ def _divisors(n: int) -> list[int]:
 def make_plan(size: str, stage: str = "pretrain", *, gpus: int = 8, gpu_mem: float = 80.0, nodes: int | None = None,
               seq_len: int | None = None, micro_batch: int = 1, tokens: float | None = None, mfu: float = 0.4,
               peak_tflops: float = 312.0, gen_batch: int = 64, tp: int | None = None, pp: int | None = None,
-              usable: float = 0.9, check: bool = True, cfg: ModelConfig | None = None) -> Plan:
+              usable: float = 0.9, check: bool = True, cfg: ModelConfig | None = None, rows: int | None = None) -> Plan:
     """Evaluate every layout (or the given tp/pp) and pick the smallest model-parallel one that fits.
 
     cfg overrides the preset's shape (e.g. a run's resolved model config); size is then just its name.
+    rows: the global batch in sequences (a run's own; default: the paper's for the stage).
     """
     cfg = cfg or preset(size)
     if stage not in STAGES:
         raise LlamactlError(f"unknown stage {stage!r}; one of {', '.join(STAGES)} (--stage)")
-    nodes = nodes or max(1, math.ceil(gpus / GPUS_PER_NODE))
+    if nodes is None:
+        nodes = max(1, math.ceil(gpus / GPUS_PER_NODE))
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise LlamactlError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
     if gpu_mem <= 0 or micro_batch < 1 or not 0 < mfu <= 1:
         raise LlamactlError("--gpu-mem and --micro-batch must be positive, --mfu in (0, 1]")
     per_node = gpus // nodes
-    seq = seq_len or min(4096, cfg.max_seq_len)
-    rows = max(1, 4 * 2**20 // seq) if stage == "pretrain" else STAGE_ROWS[stage]  # pretraining: 4M tokens
+    if seq_len is not None and seq_len < 1:
+        raise LlamactlError(f"--seq-len must be >= 1, got {seq_len} (--seq-len)")
+    seq = seq_len if seq_len is not None else min(4096, cfg.max_seq_len)
+    if rows is None:
+        rows = max(1, 4 * 2**20 // seq) if stage == "pretrain" else STAGE_ROWS[stage]  # pretraining: 4M tokens
+    elif rows < 1:
+        raise LlamactlError(f"the global batch must hold at least one sequence, got {rows}")
     if tp is not None or pp is not None:
-        tp, pp = tp or 1, pp or 1
+        tp, pp = 1 if tp is None else tp, 1 if pp is None else pp
+        if tp < 1 or pp < 1:
+            raise LlamactlError(f"--tp {tp} and --pp {pp} must be >= 1")
         err = layout_error(cfg, tp, pp)
         if err:
             raise LlamactlError(err)
@@ -394,16 +404,18 @@ def print_plan(plan: Plan) -> None:
 
 
 def print_run_plan(size: str, cfg: ModelConfig, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int,
-                   micro_batch: int = 1, tokens: float | None = None, gpu_mem: float = 80.0) -> Plan:
-    """What a stage's --dry-run shows: the plan of its own layout (tp x pp over max(gpus, tp*pp) GPUs)."""
+                   micro_batch: int = 1, tokens: float | None = None, gpu_mem: float = 80.0,
+                   rows: int | None = None) -> Plan:
+    """What a stage's --dry-run shows: the plan of its own layout (tp x pp over max(gpus, tp*pp) GPUs) and,
+    given `rows`, its own global batch in sequences (not tokens)."""
     plan = make_plan(size, stage, gpus=max(gpus, tp * pp), gpu_mem=gpu_mem, seq_len=seq_len,
-                     micro_batch=micro_batch, tokens=tokens, tp=tp, pp=pp, cfg=cfg)
+                     micro_batch=micro_batch, tokens=tokens, tp=tp, pp=pp, cfg=cfg, rows=rows)
     print_plan(plan)
     return plan
 
 
 def dry_run_plan(size: str, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int | None = None,
-                 micro_batch: int | None = None, tokens: float | None = None) -> Plan:
+                 micro_batch: int | None = None, tokens: float | None = None, zero: bool = False) -> Plan:
     """--dry-run without data: the preset's resolved model and layout, then the plan of that layout."""
     from llamactl.config import ParallelConfig, dump_toml
     from llamactl.ui import console
@@ -412,9 +424,9 @@ def dry_run_plan(size: str, stage: str, *, tp: int, pp: int, gpus: int, seq_len:
     err = layout_error(cfg, tp, pp)
     if err:
         raise LlamactlError(err)
-    seq = seq_len or min(4096, cfg.max_seq_len)
-    par = ParallelConfig(tp=tp, pp=pp, nproc=max(gpus, tp * pp))
+    seq = seq_len if seq_len is not None else min(4096, cfg.max_seq_len)
+    par = ParallelConfig(tp=tp, pp=pp, nproc=max(gpus, tp * pp), zero=zero)
     console.print(dump_toml({"model": cfg, "parallel": par}), markup=False)
     console.print(f"(no --data given: the {stage} settings that depend on the data and tokenizer resolve once it is)")
-    return print_run_plan(size, cfg, stage, tp=tp, pp=pp, gpus=gpus, seq_len=seq, micro_batch=micro_batch or 1,
+    return print_run_plan(size, cfg, stage, tp=tp, pp=pp, gpus=gpus, seq_len=seq, micro_batch=1 if micro_batch is None else micro_batch,
                           tokens=tokens)

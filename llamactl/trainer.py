@@ -1,18 +1,22 @@
-"""The one training loop every stage uses (pretrain, sft, reward, rejection sampling, ppo, gatt).
+"""The one training step and the one training loop every stage uses (pretrain, sft, reward, rejection
+sampling, ppo, gatt).
 
-A stage supplies a batch source (`next_step() -> list of micro-batches`, `state_dict`, `load_state_dict`)
-and a loss (`loss_fn(model, batch) -> summed loss` over the batch's valid units, optionally with a dict
-of summed extra metrics). The trainer normalises by the valid units of the whole global batch, so
-accumulation, data parallelism and pipelining all give the gradient of one big batch.
+`Trainer(model, ctx, cfg, loss_fn)` owns one model's optimizer step: `.step(micro_batches) -> StepOutput`
+runs forward + backward of the global batch (the 1F1B pipeline schedule, which at pp 1 is plain gradient
+accumulation), the data-parallel gradient sum, the global gradient norm, the clipped AdamW update, the
+learning-rate schedule and the step / token counters. `state_dict()` / `load_state_dict()` hold what an
+exact resume needs of it; `save(dir)` writes a checkpoint. A stage with its own loop (PPO: policy and
+value) drives `.step` itself; `fit` is the loop around one Trainer: progress bar, metrics.jsonl, in-loop
+validation, callbacks, checkpoints every N steps and on SIGINT / SIGTERM, exact resume.
 
-Parallelism plugs in through `Hooks`: `step_fn` (forward + backward of one global batch; a pipeline
-schedule replaces it), `reduce_grads` (data-parallel all-reduce), `grad_norm` (global norm over
-tp/pp), `make_optimizer` (ZeRO-1), `count_valid` (global normaliser). Defaults are single-process.
-The hooks only measure the gradient norm; the trainer applies the clip itself (`clipped_step`), inside
-the fused AdamW kernel where it can.
+The loss has one signature at every layout: `loss_fn(output, batch)` returns the summed loss over the
+batch's valid units (or (summed loss, {metric: summed value})); with `needs_hidden = True` the model returns
+its final hidden states and the loss applies the head (the fused LM head loss). The step divides by the
+valid units of the whole global batch, so accumulation, data parallelism and pipelining all give the
+gradient of one big batch. Model inputs beyond the token ids come from `inputs(batch)` (see
+parallel/pipeline.py: keyword inputs on every pipeline stage).
 
-Paper recipe: AdamW (0.9, 0.95, eps 1e-5), weight decay 0.1 on matrices only, cosine with warmup
-to 10 % of peak, clip 1.0; fp32 on CPU, bf16 autocast over fp32 master weights on GPU.
+fp32 on CPU; bf16 autocast over fp32 master weights on GPU.
 """
 from __future__ import annotations
 
@@ -25,17 +29,21 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from llamactl.errors import LlamactlError
-from llamactl.rundir import CKPT_PREFIX, list_checkpoints, truncate_metrics
+from llamactl.optim import clipped_step, lr_at, make_adamw, param_groups
+from llamactl.parallel.data import GradNorm, GradReducer, count_valid
+from llamactl.parallel.pipeline import StepOutput, batch_inputs, forward_only, lm_output_loss, pipeline_step
+from llamactl.rundir import list_checkpoints, step_dir, truncate_metrics
 
+SAVE_DTYPES = ("bfloat16", "float32", "float16")
 
 
 @dataclass
@@ -59,6 +67,10 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model for the training step
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured with a quick matmul
     log_every: int = 1
+    eval_every: int = 0             # validation every N steps (0: never; needs eval batches)
+    zero: bool = False              # ZeRO-1: AdamW state sharded over data parallel
+    save_dtype: str = "bfloat16"    # stored weights; fp32 masters stay in train_state for exact resume
+    bucket_mb: float = 25.0         # data-parallel gradient all-reduce bucket size
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -71,180 +83,134 @@ class TrainConfig:
             raise LlamactlError(f"unknown schedule {self.schedule!r}; cosine or constant (--schedule)")
         if self.keep < 1:
             raise LlamactlError(f"keep must be >= 1, got {self.keep} (--keep)")
+        if self.clip < 0:
+            raise LlamactlError(f"clip must be >= 0 (0: off), got {self.clip} (--clip)")
+        if self.save_every < 0:
+            raise LlamactlError(f"save_every must be >= 0, got {self.save_every} (--save-every)")
+        if self.eval_every < 0:
+            raise LlamactlError(f"eval_every must be >= 0 (0: off), got {self.eval_every} (--eval-every)")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise LlamactlError(f"unknown save dtype {self.save_dtype!r}; one of {', '.join(SAVE_DTYPES)} (--save-dtype)")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of update `step` (0-based): linear warmup, then cosine to min_lr_ratio * peak."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lm_loss(model: nn.Module, ctx) -> Callable:
+    """The language-model loss_fn of `model`: summed next-token cross-entropy over unmasked targets
+    (vocab-parallel: any tp), the lm head fused into it on the last stage so full logits never exist."""
+    return lm_output_loss(ctx, head=getattr(model, "output", None))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (2-D and up: linears, embeddings), never norms' gains or biases."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+class NonFiniteError(LlamactlError):
+    """A step produced a non-finite loss or gradient norm; the weights were not updated."""
 
 
-def make_adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel where torch has one for the device (CPU and CUDA both do); the fused
-    one also takes the clip coefficient (see `clipped_step`)."""
-    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kw)
+# ---- the step -----------------------------------------------------------------------------------------
+class Trainer:
+    """One model's optimizer step at any layout (tp / pp / dp, ZeRO-1 with cfg.zero).
 
-
-# ---- losses -----------------------------------------------------------------------------------------
-def lm_loss(model: nn.Module, batch, ctx) -> torch.Tensor:
-    """Summed next-token cross-entropy over unmasked targets (vocab-parallel: works at any tp), with the
-    lm head fused into the loss so the full logits are never materialised."""
-    from llamactl.parallel.head_loss import lm_head_cross_entropy
-
-    hidden = model(batch.tokens, return_hidden=True)
-    return lm_head_cross_entropy(hidden, model.output, batch.targets, ctx, reduction="sum")
-
-
-# ---- hooks for parallelism --------------------------------------------------------------------------
-@dataclass
-class StepOutput:
-    loss: float                     # mean over the global batch's valid units
-    extras: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Hooks:
-    """Replaceable pieces of one optimizer step; None = the single-process default."""
-
-    step_fn: Callable | None = None        # (model, micro_batches, denom) -> StepOutput; does backward
-    count_valid: Callable | None = None    # (micro_batches) -> global number of valid units
-    reduce_grads: Callable | None = None   # (model) -> None, after backward
-    grad_norm: Callable | None = None      # (params) -> total gradient norm tensor (scales nothing)
-    make_optimizer: Callable | None = None  # (param_groups, cfg) -> optimizer
-
-
-def default_count_valid(micro_batches, ctx) -> int:
-    n = torch.tensor(float(sum(b.num_valid for b in micro_batches)))
-    if ctx.dp > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(n, group=ctx.dp_group)
-    return int(n.item())
-
-
-def make_default_step(loss_fn: Callable, ctx, autocast: Callable[[], Any]) -> Callable:
-    """Forward + backward of each micro-batch, each scaled by 1/denom (denom = global valid units)."""
-
-    def step_fn(model, micro_batches, denom: int) -> StepOutput:
-        total = torch.zeros((), dtype=torch.float64)
-        extras: dict[str, float] = {}
-        for b in micro_batches:
-            with autocast():
-                out = loss_fn(model, b)
-            loss_sum, more = out if isinstance(out, tuple) else (out, {})
-            (loss_sum / denom).backward()
-            total += loss_sum.detach().double().cpu()
-            for k, v in more.items():
-                extras[k] = extras.get(k, 0.0) + float(v)
-        if ctx.dp > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(total, group=ctx.dp_group)
-        return StepOutput(float(total) / denom, {k: v / denom for k, v in extras.items()})
-
-    return step_fn
-
-
-def default_reduce_grads(model: nn.Module, ctx) -> None:
-    """Plain data-parallel mean of gradients (the parallel issue supplies a bucketed one)."""
-    if ctx.dp == 1:
-        return
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=ctx.dp_group)
-
-
-def default_grad_norm(params) -> torch.Tensor:
-    """Total 2-norm of the gradients, as clip_grad_norm_ measures it (a tensor on their device)."""
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-
-
-def clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """min(1, max_norm / (norm + 1e-6)) exactly as clip_grad_norm_ computes it; kept a tensor on the norm's
-    device, so clipping needs no host sync."""
-    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-
-
-def takes_grad_scale(opt) -> bool:
-    """torch's fused optimizers divide every gradient by `opt.grad_scale` inside their update kernel (the
-    hook GradScaler unscales through); ZeroOptimizer forwards `defaults` and `grad_scale` to its inner one.
-    foreach / for-loop AdamW assert that grad_scale is None."""
-    return bool(getattr(opt, "defaults", {}).get("fused"))
-
-
-def clipped_step(opt, params, norm: torch.Tensor, max_norm: float) -> None:
-    """opt.step() on the gradients clipped to max_norm, given their total norm (max_norm 0: no clipping).
-
-    A fused optimizer gets grad_scale = 1 / coef for this one step (set to None again afterwards, also
-    when step raises, so it never reaches a later step): its kernel scales each gradient as it reads it
-    (and writes it back scaled, as GradScaler expects), which saves clip_grad_norm_'s separate pass, one
-    read of every fp32 gradient (~240 MB a step for `small`). Others get the in-place multiply
-    clip_grad_norm_ does. Either way the result equals clip_grad_norm_ then step up to rounding
-    (g / (1 / coef) against g * coef).
+    loss_fn(output, batch) -> summed loss (see module doc; default: LM cross-entropy with the fused head).
+    inputs(batch) -> (token ids, {keyword: tensor}) for the model's forward (default: batch.tokens and
+    batch.model_inputs() if the batch has it).
     """
-    if not max_norm or max_norm <= 0:
-        opt.step()
-        return
-    coef = clip_coef(norm, max_norm)
-    if not takes_grad_scale(opt):
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, coef.to(grads[0].device))
-        opt.step()
-        return
-    opt.grad_scale = torch.reciprocal(coef).float()
-    try:
-        opt.step()
-    finally:
-        opt.grad_scale = None
 
+    def __init__(self, model: nn.Module, ctx, cfg: TrainConfig, loss_fn: Callable | None = None, *,
+                 inputs: Callable = batch_inputs):
+        cfg.validate()
+        self.model, self.ctx, self.cfg = model, ctx, cfg
+        self.device = next(model.parameters()).device
+        on_gpu = self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+        self.loss_fn = loss_fn if loss_fn is not None else lm_loss(model, ctx)
+        self.inputs = inputs
+        model.train()
+        model.recompute = cfg.recompute
+        self._fwd = torch.compile(model) if cfg.compile else model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_adamw(param_groups(model, cfg.weight_decay), cfg, ctx)
+        self._reduce = GradReducer(self.params, ctx, cfg.bucket_mb)
+        self._norm = GradNorm(model, ctx)
+        self.global_step = 0            # optimizer steps done
+        self.tokens = 0                 # training tokens seen (all dp ranks)
 
-# ---- FLOPs ------------------------------------------------------------------------------------------
-def model_flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters in matmuls) + causal attention (6 x layers x dim x T)."""
-    n = cfg.num_params() - cfg.vocab_size * cfg.dim  # the embedding is a lookup, not a matmul
-    return 6.0 * n + 6.0 * cfg.n_layers * cfg.dim * seq_len
+    def step(self, micro_batches: Sequence) -> StepOutput:
+        """One optimizer step on the global batch whose this-rank micro-batches are given; the same result on
+        every rank. Raises NonFiniteError (weights untouched) on a non-finite loss or gradient norm."""
+        n = self.global_step + 1
+        lr = lr_at(self.global_step, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        micro = [b.to(self.device) for b in micro_batches]
+        denom = count_valid(micro, self.ctx, self.device)
+        if denom == 0:
+            raise LlamactlError(f"global batch of step {n} has no tokens that carry loss (data / masks)")
+        out = pipeline_step(self._fwd, micro, self.ctx, self.loss_fn, denom, inputs=self.inputs,
+                            autocast=self.autocast)
+        if not math.isfinite(out.loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"loss is {out.loss} at step {n}")
+        self._reduce()
+        norm = self._norm(self.params)
+        gnorm = float(norm)  # the step's one host sync: metrics, and no update from a broken gradient
+        if not math.isfinite(gnorm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"gradient norm is {gnorm} at step {n}")
+        clipped_step(self.optimizer, self.params, norm, self.cfg.clip)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.tokens = sum(b.num_tokens for b in micro) * self.ctx.dp
+        out.grad_norm, out.lr = gnorm, lr
+        self.global_step, self.tokens = n, self.tokens + out.tokens
+        return out
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches: Sequence) -> StepOutput:
+        """Mean loss (and metrics) of held-out micro-batches over their valid units, summed over dp; forwards
+        only, through the pipeline at pp > 1. The model is back in training mode afterwards."""
+        micro = [b.to(self.device) for b in micro_batches]
+        denom = count_valid(micro, self.ctx, self.device)
+        if denom == 0:
+            raise LlamactlError("validation batches hold no tokens that carry loss (held-out data)")
+        was = self.model.training
+        self.model.eval()
+        try:
+            out = forward_only(self.model, micro, self.ctx, self.loss_fn, inputs=self.inputs, autocast=self.autocast)
+        finally:
+            self.model.train(was)
+        return StepOutput(out.loss / denom, {k: v / denom for k, v in out.extras.items()}, tokens=denom)
 
-def measure_peak_flops(device: str | torch.device = "cpu", dtype=None, seconds: float = 0.5) -> float:
-    """Best-of FLOP/s of a large square matmul (fp32 on CPU, bf16 on GPU): the MFU denominator."""
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    n = 8192 if device.type == "cuda" else 1536
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    best, start = float("inf"), time.perf_counter()
-    torch.mm(a, b, out=c)
-    while True:
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > seconds:
-            break
-    return 2.0 * n**3 / best
+    # ---- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's part of an exact resume: optimizer state (this dp shard under ZeRO-1), counters."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.global_step, "tokens": self.tokens,
+                "schedule": {"lr": lr_at(max(self.global_step - 1, 0), self.cfg)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. ZeRO-1 state of another layout, or plain AdamW state under --zero
+            raise LlamactlError(f"optimizer state does not fit this run: {e} (--zero/--tp/--pp/--nproc)") from None
+        self.global_step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    def save(self, out_dir: Path, *, train_state: dict | None = None, tokenizer=None, stage: str = "",
+             extra: dict | None = None) -> Path:
+        """Checkpoint of the model (weights in cfg.save_dtype) with this trainer's state, plus `train_state`
+        (the loop's part: data position, RNG) merged in. Collective over all ranks."""
+        from llamactl import checkpoint
+
+        state = {**self.state_dict(), **(train_state or {})}
+        return checkpoint.save(out_dir, self.model, self.ctx, tokenizer=tokenizer, stage=stage,
+                               step=self.global_step, tokens=self.tokens, train_state=state, extra=extra,
+                               dtype=getattr(torch, self.cfg.save_dtype))
+
+    def load(self, ckpt: Path) -> dict:
+        """Weights (exact fp32 masters too), optimizer and counters from a checkpoint this run saved; returns
+        its whole train state (the loop reads its own keys: data, rng)."""
+        from llamactl import checkpoint
+
+        meta = checkpoint.load(ckpt, self.model, self.ctx)
+        state = checkpoint.load_train_state(ckpt, self.ctx, model=self.model, meta=meta)
+        if state is None:
+            raise LlamactlError(f"checkpoint has no train_state, cannot resume exactly ({ckpt})")
+        self.load_state_dict(state)
+        return state
 
 
 # ---- RNG state --------------------------------------------------------------------------------------
@@ -275,8 +241,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---- run dir ----------------------------------------------------------------------------------------
-class _SignalFlag:
+# ---- signals ----------------------------------------------------------------------------------------
+# Exit status of a run stopped by a signal after its checkpoint was saved: 128 + the signal's number, as a
+# shell reports a process killed by it, so a scheduler tells it from a finished run (0).
+STOP_EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+
+
+class SignalFlag:
     """SIGINT / SIGTERM set a flag; the loop finishes the step, saves and stops."""
 
     def __init__(self):
@@ -294,12 +265,16 @@ class _SignalFlag:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
 
+    @property
+    def name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
-def _fault_injection(step: int) -> None:
+def fault_injection(step: int) -> None:
     """Test hook: LLAMACTL_FAULT_AT_STEP=N sends this process LLAMACTL_FAULT_SIGNAL (KILL|TERM) after step N."""
     at = os.environ.get("LLAMACTL_FAULT_AT_STEP")
     if at and int(at) == step:
@@ -316,59 +291,56 @@ class FitResult:
     tokens: int
     last_loss: float | None
     checkpoint: Path | None
-    stopped_by: str | None = None   # "SIGTERM" / "SIGINT" when interrupted
+    stopped_by: str | None = None   # "SIGTERM" / "SIGINT" when interrupted, "callback" when a callback asked
+    trainer: Trainer | None = None  # the one that ran: model, optimizer, counters
+
+    @property
+    def exit_code(self) -> int:
+        """0 for a finished run (or one a callback stopped), 128 + signal number for a signal's stop."""
+        return STOP_EXIT_CODES.get(self.stopped_by or "", 0)
+
+
+# callback(trainer, row) after every metrics row (training: "split": "train", validation: "split": "val");
+# returning True stops the run after this step (checkpoint saved), e.g. PPO's early stopping.
+Callback = Callable[[Trainer, dict], Any]
 
 
 def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss_fn: Callable | None = None,
-        hooks: Hooks | None = None, tokenizer: Path | None = None, stage: str = "pretrain", resume: bool = False,
+        inputs: Callable = batch_inputs, tokenizer: Path | None = None, stage: str = "pretrain", resume: bool = False,
         flops_per_token: float | None = None, config_sections: dict | None = None, extra_meta: dict | None = None,
+        eval_batches: Callable[[], Sequence] | None = None, callbacks: Sequence[Callback] = (),
         show_progress: bool = True) -> FitResult:
     """Train `model` for cfg.steps optimizer steps, writing metrics and checkpoints to run_dir.
 
-    loss_fn(model, batch) returns the summed loss over the batch's valid units (default: LM cross-entropy).
-    With resume, model/optimizer/scheduler/RNG/data position come from the latest complete checkpoint
-    and metrics.jsonl is cut back to that step, so the continued curve equals an uninterrupted run.
+    batches: `next_step() -> this rank's micro-batches of the next global batch`, `state_dict()`,
+    `load_state_dict()`. eval_batches() -> held-out micro-batches scored every cfg.eval_every steps (and
+    after the last step), rows with "split": "val". With resume, model / optimizer / schedule / RNG / data
+    position come from the latest complete checkpoint and metrics.jsonl is cut back to that step, so the
+    continued curve equals an uninterrupted run.
     """
     from llamactl import checkpoint
-    from llamactl.ui import console, err_console
 
     cfg.validate()
-    hooks = hooks or Hooks()
+    if cfg.eval_every and eval_batches is None:
+        raise LlamactlError("eval_every is set but the stage has no held-out data to evaluate (--eval-every)")
     run_dir = Path(run_dir)
-    device = next(model.parameters()).device
-    on_gpu = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
-    loss_fn = loss_fn or (lambda m, b: lm_loss(m, b, ctx))
-    model.train()
-    model.recompute = cfg.recompute
-    step_model = torch.compile(model) if cfg.compile else model
-    step_fn = hooks.step_fn or make_default_step(loss_fn, ctx, autocast)
-    count_valid = hooks.count_valid or (lambda mbs: default_count_valid(mbs, ctx))
-    reduce_grads = hooks.reduce_grads or (lambda m: default_reduce_grads(m, ctx))
-    grad_norm = hooks.grad_norm or default_grad_norm
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (hooks.make_optimizer or make_adamw)(param_groups(model, cfg.weight_decay), cfg)
+    trainer = Trainer(model, ctx, cfg, loss_fn, inputs=inputs)
     metrics_path = run_dir / "metrics.jsonl"
 
-    step, tokens = 0, 0
-    existing = list_checkpoints(run_dir)
     if resume:
         ckpt = checkpoint.latest(run_dir)
         if ckpt is None:
             raise LlamactlError(f"nothing to resume: no complete checkpoint in {run_dir} (--resume, --out)")
-        checkpoint.load(ckpt, model, ctx)
-        state = checkpoint.load_train_state(ckpt, ctx)
-        if state is None:
-            raise LlamactlError(f"checkpoint has no train_state, cannot resume exactly ({ckpt})")
-        opt.load_state_dict(state["optimizer"])
+        state = trainer.load(ckpt)
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        step, tokens = int(state["step"]), int(state["tokens"])
         if ctx.is_main:
-            truncate_metrics(metrics_path, step)
-            err_console.print(f"resuming from {ckpt} (step {step}, {tokens:,} tokens)")
+            truncate_metrics(metrics_path, trainer.global_step)
+            from llamactl.ui import err_console
+
+            err_console.print(f"resuming from {ckpt} (step {trainer.global_step}, {trainer.tokens:,} tokens)")
     else:
-        if existing:
+        if list_checkpoints(run_dir):
             raise LlamactlError(f"run dir already holds checkpoints ({run_dir}); pass --resume to continue "
                                 f"or choose another --out")
         seed_everything(cfg.seed)
@@ -381,85 +353,104 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dump_toml(config_sections))
 
-    peak = cfg.peak_flops or (measure_peak_flops(device) if flops_per_token else None)
-    tb = _tensorboard(run_dir) if ctx.is_main else None
+    from llamactl.flops import measure_peak_flops
 
-    def save(at_step: int) -> Path:
-        state = {"optimizer": opt.state_dict(), "data": batches.state_dict(), "rng": rng_state(),
-                 "step": at_step, "tokens": tokens, "schedule": {"lr": lr_at(max(at_step - 1, 0), cfg)}}
-        path = checkpoint.save(run_dir / f"{CKPT_PREFIX}{at_step:06d}", model, ctx, tokenizer=tokenizer, stage=stage,
-                               step=at_step, tokens=tokens, train_state=state, extra=extra_meta)
+    peak = cfg.peak_flops or (measure_peak_flops(trainer.device) if flops_per_token else None)
+    log = _MetricsLog(metrics_path, stage, ctx.is_main)
+
+    def save() -> Path:
+        path = trainer.save(step_dir(run_dir, trainer.global_step), tokenizer=tokenizer, stage=stage,
+                            extra=extra_meta, train_state={"data": batches.state_dict(), "rng": rng_state()})
         if ctx.is_main:
             checkpoint.set_latest(run_dir, path)
             for old in list_checkpoints(run_dir)[:-cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
+    def report(row: dict) -> bool:
+        log.write(row)
+        return any(bool(cb(trainer, row)) for cb in callbacks)
+
+    def validate() -> bool:
+        ev = trainer.evaluate(eval_batches())
+        return report({"step": trainer.global_step, "split": "val", "loss": ev.loss, "tokens": trainer.tokens,
+                       "eval_tokens": ev.tokens, **ev.extras})
+
     from rich.progress import TextColumn
+
     from llamactl.ui import progress
 
     last_loss, last_ckpt, stopped = None, None, None
-    with _SignalFlag() as flag, progress(TextColumn("{task.fields[stats]}"),
-                                         disable=not (show_progress and ctx.is_main)) as bar:
-        task = bar.add_task(stage, total=cfg.steps, completed=step, stats="")
-        while step < cfg.steps:
+    with SignalFlag() as flag, progress(TextColumn("{task.fields[stats]}"),
+                                        disable=not (show_progress and ctx.is_main)) as bar:
+        task = bar.add_task(stage, total=cfg.steps, completed=trainer.global_step, stats="")
+        while trainer.global_step < cfg.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            micro = [b.to(device) for b in batches.next_step()]
-            denom = count_valid(micro)
-            if denom == 0:
-                raise LlamactlError(f"global batch of step {step + 1} has no tokens that carry loss (data / masks)")
-            out = step_fn(step_model, micro, denom)
-            if not math.isfinite(out.loss):
-                raise LlamactlError(f"loss is {out.loss} at step {step + 1}; stopped without saving "
-                                    f"(last good checkpoint: {checkpoint.latest(run_dir) or 'none'}); "
-                                    f"try a lower --lr or longer --warmup")
-            reduce_grads(model)
-            norm = grad_norm(params)
-            gnorm = float(norm)  # the step's one host sync: metrics, and no update from a broken gradient
-            if not math.isfinite(gnorm):
-                raise LlamactlError(f"gradient norm is {gnorm} at step {step + 1}; stopped without saving "
-                                    f"(last good checkpoint: {checkpoint.latest(run_dir) or 'none'})")
-            clipped_step(opt, params, norm, cfg.clip)
-            opt.zero_grad(set_to_none=True)
-            if on_gpu:
-                torch.cuda.synchronize(device)
+            try:
+                out = trainer.step(batches.next_step())
+            except NonFiniteError as e:
+                raise LlamactlError(f"{e}; stopped without saving (last good checkpoint: "
+                                    f"{checkpoint.latest(run_dir) or 'none'}); try a lower --lr or longer --warmup") from None
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
             dt = time.perf_counter() - t0
-            step_tokens = sum(b.num_tokens for b in micro) * ctx.dp
-            step, tokens, last_loss = step + 1, tokens + step_tokens, out.loss
-            tps = step_tokens / dt
+            step, last_loss = trainer.global_step, out.loss
+            tps = out.tokens / dt
             mfu = (tps * flops_per_token / (peak * ctx.world_size)) if (flops_per_token and peak) else None
-            row = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
-                   "tokens_per_s": tps, "mfu": mfu, **out.extras}
-            if ctx.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step" and isinstance(v, (int, float)):
-                            tb.add_scalar(f"{stage}/{k}", v, step)
-            stats = f"loss {out.loss:.4f} lr {lr:.2e} gnorm {gnorm:.3f} {tps:,.0f} tok/s"
+            row = {"step": step, "split": "train", "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                   "tokens": trainer.tokens, "tokens_per_s": tps, "mfu": mfu, **out.extras}
+            asked = report(row)
+            stats = f"loss {out.loss:.4f} lr {out.lr:.2e} gnorm {out.grad_norm:.3f} {tps:,.0f} tok/s"
             if mfu is not None:
                 stats += f" MFU {100 * mfu:.1f}%"
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                asked = validate() or asked
             bar.update(task, completed=step, stats=stats)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                last_ckpt = save(step)
-            _fault_injection(step)
-            if flag.signum is not None and step < cfg.steps:
-                stopped = signal.Signals(flag.signum).name
+                last_ckpt = save()
+            fault_injection(step)
+            if flag.name is not None and step < cfg.steps:
+                stopped = flag.name
                 break
-        if stopped or step >= cfg.steps:
+            if asked and step < cfg.steps:
+                stopped = "callback"
+                break
+        if stopped or trainer.global_step >= cfg.steps:
             done = checkpoint.latest(run_dir)
-            if done is None or done.name != f"{CKPT_PREFIX}{step:06d}":
-                last_ckpt = save(step)
-    if tb is not None:
-        tb.close()
-    if stopped and ctx.is_main:
-        console.print(f"stopped by {stopped} after step {step}; checkpoint saved to {last_ckpt} "
+            if done is None or done.name != step_dir(run_dir, trainer.global_step).name:
+                last_ckpt = save()
+    log.close()
+    if stopped in STOP_EXIT_CODES and ctx.is_main:
+        from llamactl.ui import console
+
+        console.print(f"stopped by {stopped} after step {trainer.global_step}; checkpoint saved to {last_ckpt} "
                       f"(continue with --resume)")
-    return FitResult(step, tokens, last_loss, last_ckpt or checkpoint.latest(run_dir), stopped)
+    return FitResult(trainer.global_step, trainer.tokens, last_loss, last_ckpt or checkpoint.latest(run_dir), stopped,
+                     trainer)
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object per row) and, when tensorboard is installed, its event files; only the
+    main rank writes."""
+
+    def __init__(self, path: Path, stage: str, main: bool):
+        self.path, self.stage, self.main = path, stage, main
+        self.tb = _tensorboard(path.parent) if main else None
+
+    def write(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            prefix = self.stage if row.get("split", "train") == "train" else f"{self.stage}/{row['split']}"
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _tensorboard(run_dir: Path):

@@ -93,6 +93,8 @@ class GradNorm:
 
     def __call__(self, params: Iterable[nn.Parameter]) -> torch.Tensor:
         params = [p for p in params if p.grad is not None]
+        if self.ctx.tp == 1 and self.ctx.pp == 1:  # nothing sharded: torch's own (foreach) total norm
+            return torch.nn.utils.get_total_norm([p.grad for p in params])
         device = params[0].grad.device if params else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float32, device=device)
         mine = [p.grad for p in params if self.counted.get(id(p), True)]
@@ -105,12 +107,34 @@ class GradNorm:
         return sq.sqrt()
 
 
-# ---- ZeRO-1 -----------------------------------------------------------------------------------------
-def default_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+def count_valid(micro_batches, ctx: ParallelContext, device: torch.device | str = "cpu") -> int:
+    """Valid (loss-carrying) units of the global batch: the step's normaliser, summed over dp on the model's
+    device (NCCL needs it there)."""
+    n = torch.tensor(float(sum(b.num_valid for b in micro_batches)), dtype=torch.float64, device=device)
+    if ctx.dp > 1:
+        dist.all_reduce(n, group=ctx.dp_group)
+    return int(n.item())
+
+
+# ---- optimizers -------------------------------------------------------------------------------------
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    """The one AdamW maker: torch's fused kernel where it has one for the device (CPU and CUDA both do; the
+    fused one also takes the clip coefficient as grad_scale), foreach otherwise."""
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def make_optimizer(groups: list[dict], ctx: ParallelContext, *, lr: float, betas: tuple[float, float], eps: float,
+                   zero: bool = False):
+    """AdamW, or its ZeRO-1 form (state sharded over dp) when asked for and dp > 1."""
+    if zero and ctx.dp > 1:
+        return ZeroOptimizer(groups, ctx, lr=lr, betas=betas, eps=eps)
+    return adamw(groups, lr=lr, betas=betas, eps=eps)
+
+
+# ---- ZeRO-1 -----------------------------------------------------------------------------------------
 
 
 class ZeroOptimizer:
@@ -124,7 +148,7 @@ class ZeroOptimizer:
 
     def __init__(self, param_groups: list[dict], ctx: ParallelContext, *, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 make_inner: Callable[..., torch.optim.Optimizer] = default_adamw):
+                 make_inner: Callable[..., torch.optim.Optimizer] = adamw):
         self.ctx = ctx
         self.params = [p for g in param_groups for p in g["params"]]
         total = sum(p.numel() for p in self.params)
@@ -233,40 +257,3 @@ class ZeroOptimizer:
         self.inner.load_state_dict(state["inner"])
         self.sync_masters()
 
-
-# ---- trainer hooks --------------------------------------------------------------------------------
-def training_hooks(model: nn.Module, ctx: ParallelContext, output_loss: Callable, *, zero: bool = False,
-                   bucket_mb: float = 25.0, inputs: Callable | None = None, autocast: Callable | None = None) -> dict:
-    """The trainer's replaceable pieces for this layout: `Hooks(**training_hooks(...))`.
-
-    output_loss(output, batch) -> summed loss of a micro-batch (run on the last pipeline stage).
-    step_fn runs the 1F1B schedule (plain accumulation at pp == 1), reduce_grads the bucketed dp sum,
-    grad_norm the global gradient norm, make_optimizer AdamW or its ZeRO-1 sharded form, count_valid the
-    global normaliser (every collective on the model's device, so NCCL works too).
-    """
-    import contextlib
-
-    from llamactl.parallel.pipeline import make_step_fn
-
-    kw = {"inputs": inputs} if inputs is not None else {}
-    step_fn = make_step_fn(ctx, output_loss, autocast=autocast or contextlib.nullcontext, **kw)
-    reducer = GradReducer(model.parameters(), ctx, bucket_mb)
-    grad_norm = GradNorm(model, ctx)
-
-    def make_optimizer(groups, cfg):
-        kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        if zero and ctx.dp > 1:
-            return ZeroOptimizer(groups, ctx, **kw)
-        return default_adamw(groups, **kw)
-
-    device = next(model.parameters()).device
-
-    def count_valid(micro_batches) -> int:
-        """Valid (loss-carrying) units of the global batch: summed over dp, on the model's device (NCCL)."""
-        n = torch.tensor(float(sum(b.num_valid for b in micro_batches)), dtype=torch.float64, device=device)
-        if ctx.dp > 1:
-            dist.all_reduce(n, group=ctx.dp_group)
-        return int(n.item())
-
-    return {"step_fn": step_fn, "reduce_grads": reducer, "grad_norm": grad_norm, "make_optimizer": make_optimizer,
-            "count_valid": count_valid}

@@ -11,6 +11,14 @@ The loss of every micro-batch is its *summed* loss divided by `denom`, the numbe
 the whole global batch (all micro-batches on all data-parallel ranks), so any split of the batch gives
 the gradient of one big batch and the data-parallel reduction is a sum.
 
+One loss signature serves every layout: `loss_fn(output, batch)` returns the summed loss over the batch's
+valid units, or (summed loss, {metric: summed value}). The step runs the model; the loss only scores its
+output. `loss_fn.needs_hidden = True` asks for the final hidden states instead of the head's output (the
+loss applies the head itself: the fused LM head loss). Per-batch model inputs beyond the token ids come
+from `inputs(batch) -> (token ids, {keyword: tensor})`: the ids feed the first stage, the keywords go to
+every stage's forward (per-document positions of packed SFT samples, key masks, ...). By default a
+batch with a `model_inputs()` method supplies the keywords.
+
 Activations are sent with isend/irecv on the tensor's device (gloo and NCCL alike); their shape is
 (micro_batch, seq, dim), known from the micro-batch on every rank, so no shape exchange is needed
 (micro-batches of one step may differ in length).
@@ -41,11 +49,31 @@ def stage_layers(n_layers: int, pp: int, pp_rank: int) -> range:
 
 
 @dataclass
-class StepResult:
-    """Same fields as the trainer's StepOutput: mean loss over the global batch, summed extras / denom."""
+class StepOutput:
+    """One global batch's result: the mean loss over its valid units and each summed metric / denom, the same
+    on every rank. The trainer fills the optimizer's part (grad norm, lr, tokens) after the update."""
 
     loss: float
     extras: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None
+    lr: float | None = None
+    tokens: int = 0                 # tokens of this global batch (all dp ranks)
+
+
+def batch_inputs(batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(token ids for the first stage, keyword inputs for every stage's forward) of a micro-batch."""
+    more = getattr(batch, "model_inputs", None)
+    return batch.tokens, (more() if more is not None else {})
+
+
+def _sum_loss(res, total: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Add one micro-batch's loss_fn result to the running sums; return its summed loss (with grad)."""
+    loss_sum, more = res if isinstance(res, tuple) else (res, {})
+    total += loss_sum.detach().to(torch.float64)
+    for k, v in more.items():
+        v = torch.as_tensor(v, dtype=torch.float64).detach().to(total.device)
+        extras[k] = extras.get(k, torch.zeros((), dtype=torch.float64, device=total.device)) + v
+    return loss_sum
 
 
 # ---- p2p ------------------------------------------------------------------------------------------
@@ -103,23 +131,25 @@ class _P2P:
 # ---- the schedule ---------------------------------------------------------------------------------
 def pipeline_step(model: torch.nn.Module, micro_batches: list, ctx: ParallelContext,
                   loss_fn: Callable[[torch.Tensor, Any], Any], denom: float, *,
-                  inputs: Callable[[Any], torch.Tensor] = lambda b: b.tokens,
-                  autocast: Callable[[], Any] = contextlib.nullcontext) -> StepResult:
-    """Forward + backward of one global batch through this rank's stage with the 1F1B schedule.
+                  inputs: Callable[[Any], tuple] = batch_inputs,
+                  autocast: Callable[[], Any] = contextlib.nullcontext) -> StepOutput:
+    """Forward + backward of one global batch through this rank's stage with the 1F1B schedule (at pp 1:
+    plain gradient accumulation, one micro-batch at a time).
 
-    Every stage gets the same micro-batches (the data loader runs on every rank): the first stage feeds
-    `inputs(batch)` to the model, the last computes loss_fn(output, batch) -- the summed loss of the
-    micro-batch, or (summed loss, {name: summed metric}) -- and all stages read the activation shape
-    (batch, seq, dim) of each micro-batch from it, so micro-batches may differ in length.
-    Each loss is divided by `denom` before backward. Returns the global mean loss (and metrics) on every
-    rank: pipeline stages and data-parallel ranks agree.
+    Every stage gets the same micro-batches (the data loader runs on every rank): the first stage feeds the
+    token ids of `inputs(batch)` to the model, every stage its keyword inputs, the last computes
+    loss_fn(output, batch) -- the summed loss of the micro-batch, or (summed loss, {name: summed metric}) --
+    and all stages read the activation shape (batch, seq, dim) of each micro-batch from the ids, so
+    micro-batches may differ in length. Each loss is divided by `denom` before backward. Returns the global
+    mean loss (and metrics) on every rank: pipeline stages and data-parallel ranks agree.
     """
     n = len(micro_batches)
     if n == 0:
         raise ValueError("pipeline_step needs at least one micro-batch")
     p0 = next(model.parameters())
     dim = model.cfg.dim
-    shapes = [tuple(inputs(b).shape[:2]) + (dim,) for b in micro_batches]
+    fed = [inputs(b) for b in micro_batches]
+    shapes = [tuple(ids.shape[:2]) + (dim,) for ids, _ in fed]
     p2p = _P2P(ctx, p0.dtype, p0.device)
     warmup = min(ctx.pp - ctx.pp_rank - 1, n)
     steady = n - warmup
@@ -130,20 +160,15 @@ def pipeline_step(model: torch.nn.Module, micro_batches: list, ctx: ParallelCont
     hidden = getattr(loss_fn, "needs_hidden", False)  # the loss applies the head itself (fused head loss)
 
     def forward(x: torch.Tensor | None) -> torch.Tensor:
-        nonlocal total, fwd
-        b = micro_batches[fwd]
+        nonlocal fwd
+        b, (ids, kw) = micro_batches[fwd], fed[fwd]
         fwd += 1
         with autocast():
-            out = model(inputs(b) if x is None else x, return_hidden=hidden)
+            out = model(ids if x is None else x, return_hidden=hidden, **kw)
             if not ctx.is_last_stage:
                 return out
             res = loss_fn(out, b)
-        loss_sum, more = res if isinstance(res, tuple) else (res, {})
-        total += loss_sum.detach().to(torch.float64)
-        for k, v in more.items():
-            v = torch.as_tensor(v, dtype=torch.float64).detach().to(p0.device)
-            extras[k] = extras.get(k, torch.zeros((), dtype=torch.float64, device=p0.device)) + v
-        return loss_sum / denom
+        return _sum_loss(res, total, extras) / denom
 
     def backward(gy: torch.Tensor | None) -> torch.Tensor | None:
         nonlocal bwd
@@ -179,33 +204,29 @@ def pipeline_step(model: torch.nn.Module, micro_batches: list, ctx: ParallelCont
 
 @torch.no_grad()
 def forward_only(model: torch.nn.Module, micro_batches: list, ctx: ParallelContext,
-                 loss_fn: Callable[[torch.Tensor, Any], Any], *, inputs: Callable[[Any], torch.Tensor] = lambda b: b.tokens,
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> StepResult:
-    """Evaluation through the pipeline: forwards only, activations flow one way. Returns the SUM of
-    loss_fn over the micro-batches (and metrics), summed over dp, on every rank."""
+                 loss_fn: Callable[[torch.Tensor, Any], Any], *, inputs: Callable[[Any], tuple] = batch_inputs,
+                 autocast: Callable[[], Any] = contextlib.nullcontext) -> StepOutput:
+    """Evaluation through the pipeline (any pp, pp 1 included): forwards only, activations flow one way.
+    Returns the SUM of loss_fn over the micro-batches (and metrics), summed over dp, on every rank."""
     p0 = next(model.parameters())
     p2p = _P2P(ctx, p0.dtype, p0.device)
     total = torch.zeros((), dtype=torch.float64, device=p0.device)
     extras: dict[str, torch.Tensor] = {}
     hidden = getattr(loss_fn, "needs_hidden", False)
     for b in micro_batches:
-        x = p2p.recv_forward(tuple(inputs(b).shape[:2]) + (model.cfg.dim,))
+        ids, kw = inputs(b)
+        x = p2p.recv_forward(tuple(ids.shape[:2]) + (model.cfg.dim,))
         with autocast():
-            out = model(inputs(b) if x is None else x, return_hidden=hidden)
+            out = model(ids if x is None else x, return_hidden=hidden, **kw)
             if not ctx.is_last_stage:
                 p2p.send_forward(out)
                 continue
-            res = loss_fn(out, b)
-        loss_sum, more = res if isinstance(res, tuple) else (res, {})
-        total += loss_sum.to(torch.float64)
-        for k, v in more.items():
-            v = torch.as_tensor(v, dtype=torch.float64).to(p0.device)
-            extras[k] = extras.get(k, torch.zeros((), dtype=torch.float64, device=p0.device)) + v
+            _sum_loss(loss_fn(out, b), total, extras)
     return _share_results(total, extras, ctx, 1.0)
 
 
 def _share_results(total: torch.Tensor, extras: dict[str, torch.Tensor], ctx: ParallelContext,
-                   denom: float) -> StepResult:
+                   denom: float) -> StepOutput:
     """Loss and metrics live on the last stage: send them to every stage, sum over data parallel."""
     keys = sorted(extras)
     if ctx.pp > 1:
@@ -220,7 +241,7 @@ def _share_results(total: torch.Tensor, extras: dict[str, torch.Tensor], ctx: Pa
     if ctx.dp > 1:
         dist.all_reduce(vals, group=ctx.dp_group)
     vals = (vals / float(denom)).tolist()
-    return StepResult(vals[0], dict(zip(keys, vals[1:])))
+    return StepOutput(vals[0], dict(zip(keys, vals[1:])))
 
 
 def lm_output_loss(ctx: ParallelContext, target: Callable[[Any], torch.Tensor] = lambda b: b.targets, *,
@@ -244,12 +265,3 @@ def lm_output_loss(ctx: ParallelContext, target: Callable[[Any], torch.Tensor] =
 
     return loss_fn
 
-
-def make_step_fn(ctx: ParallelContext, loss_fn: Callable, *, inputs: Callable = lambda b: b.tokens,
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> Callable:
-    """A trainer step function `(model, micro_batches, denom) -> StepResult` running the 1F1B schedule."""
-
-    def step_fn(model, micro_batches, denom):
-        return pipeline_step(model, micro_batches, ctx, loss_fn, denom, inputs=inputs, autocast=autocast)
-
-    return step_fn

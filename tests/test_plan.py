@@ -113,3 +113,19 @@ def test_run_plan_for_a_dry_run(capsys):
 
     with pytest.raises(LlamactlError, match="--tp 3 does not divide the 64 attention heads"):
         print_run_plan("70b", preset("70b"), "pretrain", tp=3, pp=8, gpus=1, seq_len=4096)
+
+
+def test_run_plan_takes_the_runs_global_batch_in_sequences(capsys):
+    """A stage's dry run plans its own global batch, given in sequences (64 x 256 = 16,384 tokens), not the
+    paper's 4M tokens and not its token count read as sequences."""
+    from llamactl.errors import LlamactlError
+    from llamactl.plan import print_run_plan
+
+    plan = print_run_plan("tiny", preset("tiny"), "pretrain", tp=1, pp=1, gpus=1, seq_len=256, rows=64)
+    assert (plan.rows, plan.tokens_per_step) == (64, 16384)
+    assert plan.chosen.n_micro == 64  # micro-batch 1 on dp 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "global batch │ 64 sequences (16,384 tokens)" in out
+    for kw, flag in (({"seq_len": 0}, "--seq-len"), ({"tp": 0}, "--tp")):
+        with pytest.raises(LlamactlError, match=flag):
+            make_plan("tiny", **kw)

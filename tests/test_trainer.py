@@ -1,8 +1,8 @@
 """Trainer pieces: schedule, decay groups, accumulation == one big batch, clipping folded into AdamW,
-non-finite stop, vocab checks."""
+non-finite stop; the step API (Trainer.step == fit, the old step path bit for bit), validation rows,
+callbacks, per-batch model inputs."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -16,14 +16,19 @@ from llamactl.data import Batch
 from llamactl.errors import LlamactlError
 from llamactl.model import build_model
 from llamactl.parallel.context import ParallelContext
-from llamactl.trainer import (Hooks, TrainConfig, clipped_step, default_grad_norm, fit, lm_loss, lr_at, make_adamw,
-                              make_default_step, param_groups, takes_grad_scale)
+from llamactl.optim import clipped_step, lr_at, make_adamw, param_groups, takes_grad_scale
+from llamactl.parallel.pipeline import pipeline_step
+from llamactl.trainer import TrainConfig, Trainer, fit, lm_loss
 
 CTX = ParallelContext.single()
 
 
 def _cfg():
     return preset("tiny", vocab_size=96, n_layers=2)
+
+
+def default_grad_norm(params):
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def test_lr_schedule_warmup_cosine_to_ten_percent():
@@ -67,13 +72,12 @@ def test_grad_accumulation_equals_one_big_batch():
     base = build_model(_cfg(), CTX, seed=1)
     models = [copy.deepcopy(base) for _ in range(2)]
     splits = [[slice(0, 8)], [slice(0, 1), slice(1, 4), slice(4, 6), slice(6, 8)]]
-    step = make_default_step(lambda m, b: lm_loss(m, b, CTX), CTX, contextlib.nullcontext)
     losses = []
     for model, parts in zip(models, splits):
         micro = [Batch.from_windows(windows[s], mask[s]) for s in parts]
         denom = sum(b.num_valid for b in micro)
         assert denom == int(mask.sum())
-        losses.append(step(model, micro, denom).loss)
+        losses.append(pipeline_step(model, micro, CTX, lm_loss(model, CTX), denom).loss)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     # the big batch loss is the mean over valid tokens, like F.cross_entropy with ignore_index
     full = Batch.from_windows(windows, mask)
@@ -162,12 +166,11 @@ def test_fit_clips_like_clip_grad_norm_then_step(tmp_path):
     fit(model, CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run", tokenizer=None, show_progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
-    step_fn = make_default_step(lambda m, b: lm_loss(m, b, CTX), CTX, contextlib.nullcontext)
     opt = make_adamw(param_groups(ref, cfg.weight_decay), cfg)
     source, norms = _ListSource(windows), []
     for _ in range(cfg.steps):
         micro = source.next_step()
-        step_fn(ref, micro, sum(b.num_valid for b in micro))
+        pipeline_step(ref, micro, CTX, lm_loss(ref, CTX), sum(b.num_valid for b in micro))
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(ref.parameters()), cfg.clip, foreach=True)))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -229,13 +232,15 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
     windows, _ = _batches(n=16)
     calls = {"n": 0}
+    model = build_model(_cfg(), CTX, seed=0)
+    lm = lm_loss(model, CTX)
 
-    def loss_fn(model, batch):
+    def loss_fn(hidden, batch):
         calls["n"] += 1
-        loss = lm_loss(model, batch, CTX)
+        loss = lm(hidden, batch)
         return loss * float("nan") if calls["n"] > 6 else loss   # step 4 (2 micro-batches per step)
 
-    model = build_model(_cfg(), CTX, seed=0)
+    loss_fn.needs_hidden = True
     cfg = TrainConfig(steps=6, lr=1e-2, save_every=2)
     with pytest.raises(LlamactlError, match=r"loss is nan at step 4.*last good checkpoint: .*step-000002"):
         fit(model, CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run", loss_fn=loss_fn,
@@ -245,37 +250,174 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss whose gradient norm is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
 def test_non_finite_grad_norm_stops_before_the_update(tmp_path):
-    """A finite loss with an inf gradient norm (the grad_norm hook's result) stops the run at that step,
-    before the optimizer touches the weights."""
+    """A finite loss with an inf gradient norm stops the run at that step, before the optimizer touches the
+    weights (and leaves no gradient behind)."""
     windows, _ = _batches(n=16)
     model = build_model(_cfg(), CTX, seed=0)
-    seen = {}
+    lm, seen = lm_loss(model, CTX), {"calls": 0}
 
-    def grad_norm(params):
-        seen["calls"] = seen.get("calls", 0) + 1
-        if seen["calls"] < 3:
-            return default_grad_norm(params)
-        seen["weights"] = [p.detach().clone() for p in model.parameters()]
-        return torch.tensor(float("inf"))
+    def loss_fn(hidden, batch):
+        seen["calls"] += 1
+        if seen["calls"] == 5:  # first micro-batch of step 3
+            seen["weights"] = [p.detach().clone() for p in model.parameters()]
+            hidden = _InfGrad.apply(hidden)
+        return lm(hidden, batch)
 
-    with pytest.raises(LlamactlError, match=r"gradient norm is inf at step 3"):
+    loss_fn.needs_hidden = True
+    with pytest.raises(LlamactlError, match=r"gradient norm is (inf|nan) at step 3"):
         fit(model, CTX, TrainConfig(steps=5, lr=1e-2), _ListSource(windows), run_dir=tmp_path / "run",
-            hooks=Hooks(grad_norm=grad_norm), tokenizer=None, show_progress=False)
+            loss_fn=loss_fn, tokenizer=None, show_progress=False)
     assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), seen["weights"]))
+    assert all(p.grad is None for p in model.parameters())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_step_fn_hook_replaces_forward_backward(tmp_path):
-    """Pipeline parallel plugs in here: the hook sees the micro-batches and the global normaliser."""
-    windows, _ = _batches(n=16)
+# ---- the step API -------------------------------------------------------------------------------------
+def test_trainer_step_twice_equals_two_steps_of_fit(tmp_path):
+    """Driving Trainer.step from one's own loop (as PPO does) is bit for bit what fit does."""
+    windows, mask = _batches(n=8)
+    cfg = TrainConfig(steps=2, lr=1e-2, warmup=1, clip=0.5, seed=3)
+    model = build_model(_cfg(), CTX, seed=0)
+    mine = copy.deepcopy(model)
+    res = fit(model, CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run", show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    from llamactl.trainer import seed_everything
+
+    trainer, source = Trainer(mine, CTX, cfg), _ListSource(windows)
+    seed_everything(cfg.seed)
+    outs = [trainer.step(source.next_step()) for _ in range(2)]
+    assert [o.loss for o in outs] == [r["loss"] for r in rows]
+    assert [o.grad_norm for o in outs] == [r["grad_norm"] for r in rows]
+    assert [o.lr for o in outs] == [r["lr"] for r in rows] == [lr_at(0, cfg), lr_at(1, cfg)]
+    assert (trainer.global_step, trainer.tokens) == (res.step, res.tokens) == (2, rows[-1]["tokens"])
+    for (name, a), (_, b) in zip(model.named_parameters(), mine.named_parameters()):
+        assert torch.equal(a, b), name
+    st = trainer.state_dict()
+    assert st["step"] == 2 and st["tokens"] == res.tokens and st["optimizer"]["state"]
+
+
+def test_one_loss_signature_gives_the_old_step_bit_for_bit():
+    """The old plain path, written out: per micro-batch hidden states -> fused head loss (summed) / denom ->
+    backward; torch's total norm; fused AdamW with 1/coef as grad_scale. Trainer.step (loss_fn(output, batch)
+    through the one pipeline step at pp 1) gives the same losses, norms and weights, bit for bit."""
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
+
+    windows, mask = _batches(n=8)
+    cfg = TrainConfig(steps=3, lr=1e-2, warmup=2, clip=0.5)
+    model = build_model(_cfg(), CTX, seed=0)
+    ref = copy.deepcopy(model)
+    trainer = Trainer(model, CTX, cfg)
+    opt = torch.optim.AdamW(param_groups(ref, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5, fused=True)
+    source_a, source_b = _ListSource(windows), _ListSource(windows)
+    for step in range(cfg.steps):
+        got = trainer.step(source_a.next_step())
+        micro = source_b.next_step()
+        denom = sum(b.num_valid for b in micro)
+        total = torch.zeros((), dtype=torch.float64)
+        for b in micro:
+            loss = lm_head_cross_entropy(ref(b.tokens, return_hidden=True), ref.output, b.targets, CTX, reduction="sum")
+            (loss / denom).backward()
+            total += loss.detach().double()
+        params = list(ref.parameters())
+        norm = default_grad_norm(params)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.grad_scale = torch.reciprocal(torch.clamp(cfg.clip / (norm + 1e-6), max=1.0)).float()
+        opt.step()
+        opt.grad_scale = None
+        opt.zero_grad(set_to_none=True)
+        assert got.loss == float(total) / denom and got.grad_norm == float(norm), step
+    for (name, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+class _PositionsBatch(Batch):
+    """A batch that asks for explicit RoPE positions (as packed SFT samples will: positions restart at every
+    document of length `doc`)."""
+
+    def __init__(self, b, doc):
+        super().__init__(b.tokens, b.targets, b.loss_mask)
+        self.doc = doc
+
+    def model_inputs(self):
+        t = self.tokens.shape[1]
+        return {"positions": (torch.arange(t) % self.doc).expand(self.tokens.shape[0], t)}
+
+    def to(self, device):
+        return self
+
+
+def test_per_batch_model_inputs_reach_the_forward():
+    """batch.model_inputs() keywords go to the model's forward: positions 0..T-1 change nothing, per-document
+    positions give exactly the loss of calling the model with them."""
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
+
+    windows, mask = _batches(n=4)
+    model = build_model(_cfg(), CTX, seed=0)
+    plain = Batch.from_windows(windows, mask)
+    denom = plain.num_valid
+    base = pipeline_step(model, [plain], CTX, lm_loss(model, CTX), denom).loss
+    same = pipeline_step(model, [_PositionsBatch(plain, 10**6)], CTX, lm_loss(model, CTX), denom).loss
+    shifted = pipeline_step(model, [_PositionsBatch(plain, 5)], CTX, lm_loss(model, CTX), denom).loss
+    with torch.no_grad():
+        pos = _PositionsBatch(plain, 5).model_inputs()["positions"]
+        h = model(plain.tokens, return_hidden=True, positions=pos)
+        want = float(lm_head_cross_entropy(h, model.output, plain.targets, CTX, reduction="sum")) / denom
+    assert same == base and shifted != base
+    assert shifted == pytest.approx(want, rel=1e-12)
+
+
+class _Windows:
+    def __init__(self, windows):
+        self.windows = windows
+
+    def __call__(self):
+        return [Batch.from_windows(self.windows[i:i + 2]) for i in range(0, len(self.windows), 2)]
+
+
+def test_validation_rows_and_callbacks(tmp_path):
+    """--eval-every: rows with "split": "val" every N steps and after the last, the mean loss over the held-out
+    tokens (as a direct forward computes it); training rows carry "split": "train". A callback sees every
+    row and can stop the run: it stops after that step with a checkpoint, stopped_by "callback"."""
+    from llamactl.parallel.head_loss import lm_head_cross_entropy
+
+    windows, _ = _batches(n=8)
+    held_out, _ = _batches(seed=9, n=6)
     seen = []
-    default = make_default_step(lambda m, b: lm_loss(m, b, CTX), CTX, contextlib.nullcontext)
+    cfg = TrainConfig(steps=5, lr=1e-2, eval_every=2)
+    model = build_model(_cfg(), CTX, seed=0)
+    res = fit(model, CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run", eval_batches=_Windows(held_out),
+              callbacks=[lambda tr, row: seen.append((row["split"], row["step"], tr.global_step))],
+              show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("val", 2), ("train", 3),
+                                                       ("train", 4), ("val", 4), ("train", 5), ("val", 5)]
+    assert seen == [(r["split"], r["step"], r["step"]) for r in rows]
+    full = Batch.from_windows(held_out)
+    with torch.no_grad():
+        want = float(lm_head_cross_entropy(model(full.tokens, return_hidden=True), model.output, full.targets, CTX,
+                                           reduction="sum")) / full.num_valid
+    assert rows[-1]["loss"] == pytest.approx(want, rel=1e-6) and rows[-1]["eval_tokens"] == full.num_valid
+    assert model.training and res.stopped_by is None and res.exit_code == 0
 
-    def step_fn(model, micro, denom):
-        seen.append((len(micro), denom))
-        return default(model, micro, denom)
-
-    fit(build_model(_cfg(), CTX, seed=0), CTX, TrainConfig(steps=2, lr=1e-3), _ListSource(windows),
-        run_dir=tmp_path / "run", hooks=Hooks(step_fn=step_fn), tokenizer=None, show_progress=False)
-    assert seen == [(2, 48), (2, 48)]
+    stop_at_3 = lambda tr, row: row["split"] == "train" and row["step"] == 3  # noqa: E731
+    res = fit(build_model(_cfg(), CTX, seed=0), CTX, TrainConfig(steps=6, lr=1e-2), _ListSource(windows),
+              run_dir=tmp_path / "stopped", callbacks=[stop_at_3], show_progress=False)
+    assert (res.step, res.stopped_by, res.exit_code, res.checkpoint.name) == (3, "callback", 0, "step-000003")
+    with pytest.raises(LlamactlError, match="--eval-every"):
+        fit(model, CTX, TrainConfig(steps=2, eval_every=1), _ListSource(windows), run_dir=tmp_path / "x",
+            show_progress=False)

@@ -52,7 +52,9 @@ class PretrainConfig:
     recompute: bool = False
     compile: bool = False
     peak_flops: float | None = None
-    eval_tokens: int = 65536           # held-out tokens scored at the end (0: skip)
+    eval_tokens: int = 65536           # held-out tokens scored at the end and by --eval-every (0: skip)
+    eval_every: int = 0                # validation on the val split every N steps (0: only at the end)
+    save_dtype: str = "bfloat16"       # stored weights; exact fp32 masters stay in train_state
     device: str = "auto"
 
 
@@ -68,25 +70,65 @@ class Plan:
     def step_tokens(self) -> int:
         return self.cfg.micro_batch * self.accum * self.dp * self.cfg.seq_len
 
+    @property
+    def step_sequences(self) -> int:
+        return self.cfg.micro_batch * self.accum * self.dp
 
-def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: ParallelConfig | None = None) -> Plan:
-    """preset defaults <- config file ([pretrain], [model], [parallel]) <- flags (None = not given)."""
+
+def _check(value, name: str, flag: str, *, low: float = 1, kind=int) -> None:
+    """A value the user gave is used or refused, never replaced by a default."""
+    if value is None:
+        return
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise LlamactlError(f"{name} must be a whole number, got {value!r} ({flag})")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise LlamactlError(f"{name} must be a number, got {value!r} ({flag})")
+    if not value >= low:
+        raise LlamactlError(f"{name} must be >= {low}, got {value} ({flag})")
+
+
+def _check_given(cfg: PretrainConfig) -> None:
+    for name, low in (("steps", 1), ("tokens", 1), ("seq_len", 1), ("batch_tokens", 1), ("micro_batch", 1),
+                      ("warmup", 0), ("save_every", 0), ("keep", 1), ("eval_tokens", 0), ("eval_every", 0),
+                      ("seed", 0)):
+        _check(getattr(cfg, name), name, "--" + name.replace("_", "-"), low=low)
+    for name, low in (("lr", 0.0), ("min_lr_ratio", 0.0), ("weight_decay", 0.0), ("clip", 0.0)):
+        _check(getattr(cfg, name), name, "--" + name.replace("_", "-"), low=low, kind=float)
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise LlamactlError(f"learning rate must be > 0, got {cfg.lr} (--lr)")
+    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
+        raise LlamactlError(f"peak FLOP/s must be > 0, got {cfg.peak_flops} (--peak-flops)")
+    from llamactl.trainer import SAVE_DTYPES
+
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise LlamactlError(f"unknown save dtype {cfg.save_dtype!r}; one of {', '.join(SAVE_DTYPES)} (--save-dtype)")
+
+
+def resolve(flags: dict[str, Any], config_file: Path | None = None,
+            parallel: dict[str, Any] | None = None) -> Plan:
+    """preset defaults <- config file ([pretrain], [model], [parallel]) <- flags (None = not given).
+
+    `parallel` holds the launcher flags (tp, pp, nproc, nnodes, zero; None = not given): they win over the
+    file's [parallel] section like every other flag."""
     from llamactl.data import read_index
+    from llamactl.stages.runner import resolve_parallel
     from llamactl.tokenizer import Tokenizer
 
     file = load_toml(config_file) if config_file else {}
     unknown = set(file) - {"pretrain", "model", "parallel"}
     if unknown:
         raise LlamactlError(f"unknown sections {sorted(unknown)} (--config {config_file}); use [pretrain], [model], [parallel]")
+    given = {k: v for k, v in flags.items() if v is not None}
     cfg = apply_overrides(PretrainConfig(), file.get("pretrain", {}), f"[pretrain] in {config_file}")
-    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "flags")
-    par = apply_overrides(parallel or ParallelConfig(), file.get("parallel", {}), f"[parallel] in {config_file}")
-    if flags.get("steps") is not None and flags.get("tokens") is not None:
+    cfg = apply_overrides(cfg, given, "flags")
+    par = resolve_parallel(file.get("parallel", {}), parallel or {}, config_file)
+    if "steps" in given and "tokens" in given:
         raise LlamactlError("give either --steps or --tokens, not both")
-    if flags.get("tokens") is not None:
+    if "tokens" in given:
         cfg.steps = None  # --tokens overrides steps from a config file
-    elif flags.get("steps") is not None or cfg.tokens is not None and cfg.steps is not None:
+    elif "steps" in given or cfg.tokens is not None and cfg.steps is not None:
         cfg.tokens = None  # steps decide; tokens is recomputed from them
+    _check_given(cfg)
     if cfg.size not in PRESETS:
         raise LlamactlError(f"unknown size {cfg.size!r}; choose one of {', '.join(PRESETS)} (--size)")
     if not cfg.data:
@@ -110,22 +152,30 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: Pa
 
     check_tokenizer(index, Path(cfg.data), vocab, sha256_file(tok_path))
     cfg.tokenizer = str(tok_path)
-    cfg.seq_len = cfg.seq_len or min(seq, model.max_seq_len)
-    if cfg.seq_len > model.max_seq_len:
-        model = dataclasses.replace(model, max_seq_len=cfg.seq_len)
-    cfg.batch_tokens = cfg.batch_tokens or btok
-    cfg.micro_batch = cfg.micro_batch or max(1, min(micro, cfg.batch_tokens // cfg.seq_len))
-    from llamactl.parallel.context import check_layout
-
-    check_layout(par.tp, par.pp)  # --tp / --pp (or [parallel]) of 0 or less: a LayoutError naming the flag
-    dp = max(1, par.nproc // (par.tp * par.pp))
+    if cfg.seq_len is None:
+        cfg.seq_len = min(seq, model.max_seq_len)
+    elif cfg.seq_len > model.max_seq_len:
+        raise LlamactlError(f"--seq-len {cfg.seq_len} is longer than the {cfg.size} model's context of "
+                            f"{model.max_seq_len} tokens (--seq-len; max_seq_len in [model] of --config raises it)")
+    batch_given = cfg.batch_tokens is not None
+    if cfg.batch_tokens is None:
+        cfg.batch_tokens = btok
+    if cfg.micro_batch is None:
+        cfg.micro_batch = max(1, min(micro, cfg.batch_tokens // cfg.seq_len))
+    dp = par.dp
     per_micro = cfg.micro_batch * cfg.seq_len * dp
+    if batch_given and cfg.batch_tokens % per_micro:
+        lo = max(1, cfg.batch_tokens // per_micro) * per_micro
+        raise LlamactlError(f"--batch-tokens {cfg.batch_tokens:,} is not a multiple of micro-batch x seq-len x dp "
+                            f"= {cfg.micro_batch} x {cfg.seq_len} x {dp} = {per_micro:,} tokens; use "
+                            f"{lo:,} or {lo + per_micro:,} (--batch-tokens)")
     accum = max(1, round(cfg.batch_tokens / per_micro))
     cfg.batch_tokens = accum * per_micro
     if cfg.steps is None:
         cfg.steps = math.ceil(cfg.tokens / cfg.batch_tokens) if cfg.tokens else steps
     cfg.tokens = cfg.steps * cfg.batch_tokens
-    cfg.lr = cfg.lr or PRETRAIN_PEAK_LR[cfg.size]
+    if cfg.lr is None:
+        cfg.lr = PRETRAIN_PEAK_LR[cfg.size]
     if cfg.warmup is None:
         cfg.warmup = min(PAPER_WARMUP, max(1, cfg.steps // 10))
     if cfg.save_every is None:
@@ -134,37 +184,52 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: Pa
 
 
 def describe(plan: Plan) -> None:
-    """Print the resolved config and the plan (what --dry-run shows)."""
+    """Print the resolved config, the run's figures and the planner's table of its layout (--dry-run)."""
     from llamactl.config import dump_toml
-    from llamactl.trainer import model_flops_per_token
+    from llamactl.flops import model_flops_per_token
+    from llamactl.plan import print_run_plan
     from llamactl.ui import console, table
 
-    c, m = plan.cfg, plan.model
-    console.print(dump_toml({"pretrain": c, "model": m, "parallel": plan.parallel}), markup=False)
+    c, m, par = plan.cfg, plan.model, plan.parallel
+    console.print(dump_toml({"pretrain": c, "model": m, "parallel": par}), markup=False)
     fpt = model_flops_per_token(m, c.seq_len)
     rows = [["parameters", f"{m.num_params():,}"],
-            ["layout", f"tp {plan.parallel.tp} x pp {plan.parallel.pp} x dp {plan.dp}"],
+            ["layout", f"tp {par.tp} x pp {par.pp} x dp {plan.dp}" + (" (ZeRO-1)" if par.zero and plan.dp > 1 else "")],
             ["sequences / micro-batch", c.micro_batch], ["accumulation steps", plan.accum],
             ["tokens / step", f"{plan.step_tokens:,}"], ["steps", f"{c.steps:,}"], ["warmup", f"{c.warmup:,}"],
             ["total tokens", f"{c.tokens:,}"], ["training FLOPs", f"{fpt * c.tokens:.3e}"],
             ["checkpoint every", f"{c.save_every} steps (keep {c.keep})"]]
     console.print(table("pretraining plan", ["", "value"], rows))
+    print_run_plan(c.size, m, "pretrain", tp=par.tp, pp=par.pp, gpus=par.world, seq_len=c.seq_len,
+                   micro_batch=c.micro_batch, tokens=c.tokens, rows=plan.step_sequences)
 
 
-def run(plan: Plan, *, resume: bool = False, show_progress: bool = True):
-    """Build the model and data, train, then score held-out tokens."""
+def _val_batches(c: PretrainConfig, ctx, device: str):
+    """eval_batches for fit: the first eval_tokens of the val split in windows of seq_len, dp ranks taking
+    turns, micro_batch windows per forward; the same windows at every evaluation (None: no val data)."""
+    import numpy as np
+
+    from llamactl.data import Batch, TokenData, eval_windows
+
+    val = TokenData(Path(c.data), "val")
+    if val.num_tokens <= c.seq_len or not c.eval_tokens:
+        return None
+    mine = list(eval_windows(val, c.seq_len, c.eval_tokens))[ctx.dp_rank::ctx.dp]
+    batches = [Batch.from_windows(np.stack(mine[i:i + c.micro_batch])) for i in range(0, len(mine), c.micro_batch)]
+    return lambda: batches
+
+
+def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
+    """Build the model and data on this rank, train, then score held-out tokens."""
     import torch
 
     from llamactl.data import PretrainBatches, TokenData, WindowSampler
+    from llamactl.flops import model_flops_per_token
     from llamactl.model import build_model
-    from llamactl.parallel.context import ParallelContext
-    from llamactl.trainer import TrainConfig, fit, model_flops_per_token
+    from llamactl.trainer import TrainConfig, fit
     from llamactl.ui import console, table
 
     c = plan.cfg
-    from llamactl.parallel.launch import init_distributed  # joins torchrun's process group (--nproc)
-
-    ctx = init_distributed(plan.parallel.tp, plan.parallel.pp)
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and ctx.world_size > 1:
         device = f"cuda:{torch.cuda.current_device()}"
@@ -174,27 +239,26 @@ def run(plan: Plan, *, resume: bool = False, show_progress: bool = True):
     model = build_model(plan.model, ctx, "lm", device=device, seed=None if resume else c.seed)
     tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
-                       recompute=c.recompute, compile=c.compile, peak_flops=c.peak_flops)
-    hooks = None
-    if ctx.world_size > 1:  # 1F1B pipeline step, bucketed dp gradient sum, global-norm clipping
-        from llamactl.parallel.data import training_hooks
-        from llamactl.parallel.pipeline import lm_output_loss
-        from llamactl.trainer import Hooks
-
-        amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if str(device).startswith("cuda") else None
-        hooks = Hooks(**training_hooks(model, ctx, lm_output_loss(ctx, head=model.output), autocast=amp))
+                       recompute=c.recompute, compile=c.compile, peak_flops=c.peak_flops, eval_every=c.eval_every,
+                       zero=plan.parallel.zero, save_dtype=c.save_dtype)
+    val = _val_batches(c, ctx, device) if c.eval_every else None
+    if c.eval_every and val is None:
+        raise LlamactlError(f"--eval-every {c.eval_every} needs held-out tokens: the val split of {c.data} has "
+                            f"fewer than one window of {c.seq_len + 1}, or --eval-tokens is 0 (--eval-every)")
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), tokenizer=Path(c.tokenizer), stage="pretrain",
-                 resume=resume, hooks=hooks, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
+                 resume=resume, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
                  config_sections={"pretrain": c, "model": plan.model, "parallel": plan.parallel},
-                 extra_meta={"seq_len": c.seq_len, "data": str(c.data)}, show_progress=show_progress)
+                 extra_meta={"seq_len": c.seq_len, "data": str(c.data)}, eval_batches=val,
+                 show_progress=show_progress)
     rows = [["steps", result.step], ["tokens", f"{result.tokens:,}"],
             ["final train loss", f"{result.last_loss:.4f}" if result.last_loss is not None else "-"]]
     if c.eval_tokens and not result.stopped_by:
         from llamactl.stages.evaluate import evaluate_model
 
-        val = TokenData(Path(c.data), "val")
-        if val.num_tokens > c.seq_len:
-            ev = evaluate_model(model, ctx, val, seq_len=c.seq_len, batch_size=c.micro_batch, max_tokens=c.eval_tokens)
+        val_data = TokenData(Path(c.data), "val")
+        if val_data.num_tokens > c.seq_len:
+            ev = evaluate_model(model, ctx, val_data, seq_len=c.seq_len, batch_size=c.micro_batch,
+                                max_tokens=c.eval_tokens)
             rows += [["eval loss", f"{ev.loss:.4f}"], ["eval perplexity", f"{ev.perplexity:.2f}"],
                      ["eval tokens", f"{ev.tokens:,}"]]
             if ctx.is_main:
