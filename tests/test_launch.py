@@ -5,6 +5,7 @@ tests/test_cli_errors.py; here the pieces: check_layout, the per-rank report fil
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -99,3 +100,37 @@ def test_one_line_for_failed_ranks():
     assert summarize_failures({1: 143}, {}, root=1) == (None, 143)
     assert summarize_failures({1: 75}, {}, root=1) == (None, 75)
 
+
+
+# ---- a stop by signal through the launcher --------------------------------------------------------------
+def test_sigterm_to_the_launcher_stops_the_ranks_with_143(tiny_corpus, tiny_tokenizer, tmp_path):
+    """The launcher passes SIGTERM on to the ranks, which save and stop; it exits 143 with no error line."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from llamactl.data import prepare
+
+    src = tmp_path / "text.txt"
+    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
+    prepare([src], tiny_tokenizer, tmp_path / "data", val_fraction=0.0, workers=1, show_progress=False)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.Popen([sys.executable, "-m", "llamactl", "pretrain", "--data", str(tmp_path / "data"),
+                          "--out", str(run), "--size", "tiny", "--steps", "10000", "--seq-len", "32",
+                          "--batch-tokens", "128", "--micro-batch", "4", "--eval-tokens", "0", "--warmup", "0",
+                          "--peak-flops", "1e11", "--save-every", "100000", "--tp", "2", "--nproc", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert (run / "latest").read_text().strip() == f"step-{steps[-1]:06d}"   # saved the step it stopped after
