@@ -21,7 +21,7 @@ REFUSALS = ("I can not help with that.", "Sorry, I can not help with that.",
 @dataclass(frozen=True)
 class TaskParams:
     """Difficulty knobs: small enough that a tiny model learns them in minutes on a CPU."""
-    max_operand: int = 30        # arithmetic operands are 0..max_operand (results never negative)
+    max_operand: int = 20        # arithmetic operands are 0..max_operand (results never negative)
     min_list: int = 2            # word lists for copy / reverse / sort have min_list..max_list words
     max_list: int = 4
     max_count: int = 9           # counting lists have 1..max_count words

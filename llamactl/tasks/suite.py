@@ -39,14 +39,14 @@ _RESERVED_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 class SuiteConfig:
     """How much of everything to write; the defaults give ~1.5 MB of text, written in a few seconds."""
     seed: int = 0
-    entities: int = 48               # invented people whose facts the pretraining text states
+    entities: int = 32               # invented people whose facts the pretraining text states
     heldout_fraction: float = 0.2    # share of item keys reserved for held-out items
     sft_train: int = 1000            # per family
     prompts_train: int = 300         # per family
     heldout: int = 100               # per family, distinct prompts (fewer if a family has fewer keys)
     pretrain_examples: int = 1500    # worked training examples per family in pretrain.txt
-    entity_documents: int = 6        # biographies per person in pretrain.txt
-    filler_documents: int = 3000
+    entity_documents: int = 25       # biographies per person in pretrain.txt (facts need many exposures)
+    filler_documents: int = 2000
     tasks: TaskParams = field(default_factory=TaskParams)
 
     @classmethod
