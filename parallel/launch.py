@@ -180,19 +180,21 @@ def summarize_failures(codes: dict[int, int], reports: dict[int, dict], root: in
 
     codes: rank -> exit code (negative: killed by that signal) of the failed ranks; reports: what ranks
     said (read_rank_errors); root: the first rank that failed. A user error wins over the failures it
-    caused on other ranks; the lowest such rank is shown, with "(rank N)" only when ranks disagree.
-    Without any report, a rank killed by a signal is named; a rank that exited with a code of its own
-    (a stop on SIGTERM, say) said what it had to say, so only its code is passed on.
+    caused on other ranks (the lowest such rank is shown); without one, the first rank that failed is.
+    "(rank N)" is added only when ranks disagree.
+    A first rank killed by a signal, with no user error anywhere, is named; a rank that exited with a code
+    of its own and no report (a stop on SIGTERM, say) said what it had to say, so only its code is passed on.
     """
-    if reports:
-        chosen = {r: v for r, v in reports.items() if v.get("user")} or reports
-        rank = min(chosen)
+    user = {r: v for r, v in reports.items() if v.get("user")}
+    code = codes.get(root, 1)
+    if user or root in reports or (reports and code >= 0):
+        chosen = user or reports
+        rank = min(user) if user else (root if root in reports else min(reports))  # a bug: where it began
         msg = chosen[rank]["message"]
         if len({v["message"] for v in chosen.values()}) > 1:
             msg += f" (rank {rank})"
         return msg, int(chosen[rank].get("exit_code") or 1)
-    code = codes.get(root, 1)
-    if code < 0:
+    if code < 0:  # killed (out of memory, say): the others' lost connections are not the news
         try:
             name = signal.Signals(-code).name
         except ValueError:

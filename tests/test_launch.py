@@ -95,8 +95,14 @@ def test_one_line_for_failed_ranks():
     line, _ = summarize_failures({2: 1, 3: 1}, {3: _report("bad shard (c.bin)"), 2: _report("bad shard (d.bin)")},
                                  root=3)
     assert line == "bad shard (d.bin) (rank 2)"
+    # no user error: the first rank that failed, not the ones that lost their peer after it
+    line, _ = summarize_failures({0: 1, 1: 1}, {0: _report("RuntimeError: Connection closed by peer", user=False),
+                                               1: _report("KeyError: 'w1'", user=False)}, root=1)
+    assert line == "KeyError: 'w1' (rank 1)"
     # nothing reported: a rank killed by a signal is named; a code of the rank's own is passed on silently
     assert summarize_failures({0: -9, 1: -15}, {}, root=0) == ("rank 0 was killed by SIGKILL", 128 + signal.SIGKILL)
+    assert summarize_failures({0: 1, 1: -9}, {0: _report("RuntimeError: Connection reset", user=False)},
+                              root=1) == ("rank 1 was killed by SIGKILL", 137)
     assert summarize_failures({1: 143}, {}, root=1) == (None, 143)
     assert summarize_failures({1: 75}, {}, root=1) == (None, 75)
 
