@@ -285,6 +285,11 @@ def parse(spec: str, *, where: str = "constraint") -> Constraint:
     return result
 
 
+def adherence(constraint: Constraint, responses: Sequence[str]) -> float:
+    """Share of a dialogue's answers that keep the constraint (GAtt's multi-turn measure)."""
+    return sum(constraint.check(r) for r in responses) / len(responses) if responses else 0.0
+
+
 START_WORDS = ("Sure", "Well", "Okay", "Hello")
 END_WORDS = ("banana", "indeed", "friend", "done")
 
