@@ -24,24 +24,14 @@ from llamactl import checkpoint as ckpt
 from llamactl.checkpoint.layout import check_vocab, read_json, stage_entries, write_json
 from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
-from llamactl.hf_format import DTYPES, config_from_hf, to_hf_name
+from llamactl.hf_format import DTYPES, config_from_hf, parse_dtype, to_hf_name
 
 FORMATS = ("hf", "meta")
-_DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                  "float16": torch.float16, "fp16": torch.float16}
 # fairscale split dim of each Meta tensor (None: replicated on every model-parallel rank)
 _META_SPLIT = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None, "attention.wq.weight": 0,
                "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1,
                "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "feed_forward.w2.weight": 1,
                "attention_norm.weight": None, "ffn_norm.weight": None}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name.lower() not in _DTYPE_ALIASES:
-        raise LlamactlError(f"unknown dtype {name!r}; one of float32, bfloat16, float16 (--dtype)")
-    return _DTYPE_ALIASES[name.lower()]
 
 
 def meta_split_dim(name: str) -> int | None:

@@ -14,6 +14,16 @@ from llamactl.errors import LlamactlError
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+DTYPE_ALIASES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None, flag: str = "--dtype") -> torch.dtype | None:
+    """torch dtype of a weight dtype name (float32 / fp32, bfloat16 / bf16, float16 / fp16); None stays None."""
+    if name is None or isinstance(name, torch.dtype) and name in DTYPE_NAMES:
+        return name
+    if not isinstance(name, str) or name.lower() not in DTYPE_ALIASES:
+        raise LlamactlError(f"unknown dtype {name!r}; one of float32, bfloat16, float16 ({flag})")
+    return DTYPE_ALIASES[name.lower()]
 
 
 # ---- names: ours (Meta's) <-> Hugging Face's ---------------------------------------------------------

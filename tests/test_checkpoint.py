@@ -396,8 +396,11 @@ def test_save_dtype_without_train_state_and_same_dtype(tmp_path):
     assert not (p / "train_state").exists()
     q = C.save(tmp_path / "f", m, dtype=torch.float32, train_state={"step": 1})  # lossless: no masters either
     assert sorted(x.name for x in (q / "train_state").iterdir()) == ["rank00000.pt"]
-    with pytest.raises(LlamactlError, match="cannot save weights as torch.int8"):
-        C.save(tmp_path / "i", m, dtype=torch.int8)
+    assert {t.dtype for t in _file_tensors(C.save(tmp_path / "b", m, dtype="bf16")).values()} == {torch.bfloat16}
+    for bad in (torch.int8, "int8"):
+        with pytest.raises(LlamactlError, match="unknown dtype .*int8.*; one of float32, bfloat16, float16 .--save-dtype."):
+            C.save(tmp_path / "i", m, dtype=bad)
+    assert not (tmp_path / "i").exists()
 
 
 # ---- one verification per load, one policy for every loader ---------------------------------------------

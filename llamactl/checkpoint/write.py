@@ -19,7 +19,7 @@ from llamactl.checkpoint.layout import (CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, FO
                                         shard_name, stage_entries, state_name, write_json)
 from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
-from llamactl.hf_format import DTYPE_NAMES, hf_config
+from llamactl.hf_format import DTYPE_NAMES, hf_config, parse_dtype
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.tensor import TPShard, shard_specs
 from llamactl.rundir import META_FILE, fsync_dir
@@ -27,22 +27,21 @@ from llamactl.rundir import META_FILE, fsync_dir
 
 def save(out_dir, model, ctx: ParallelContext | None = None, *, tokenizer=None, stage: str = "", step: int = 0,
          tokens: int = 0, train_state: dict | None = None, extra: dict | None = None, overwrite: bool = False,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> Path:
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | str | None = None) -> Path:
     """Write a checkpoint of `model` to out_dir; collective over all ranks when distributed.
 
     tokenizer: tokenizer.model path (or a dir / Tokenizer holding one), copied in; its vocab must match.
     train_state: this rank's resume state (see the package doc for the allowed values). An existing out_dir
     is refused unless overwrite=True (or it is this step's `step-NNNNNN` of a run: a resumed run saves that
     step again), and then replaced only after the new directory is complete.
-    dtype: of the stored weights (None: the parameters' own). When it is narrower than the parameters and a
+    dtype: of the stored weights (torch.bfloat16 or "bf16", ...; None: the parameters' own). When it is narrower than the parameters and a
     train_state is written, the exact parameters go into train_state/masters*.pt too, so that
     `load_train_state(..., model=model)` resumes bit-exactly from the narrowed weights.
     """
     ctx = ctx or getattr(model, "ctx", None) or ParallelContext.single()
     out_dir = Path(out_dir)
     cfg, head = model.cfg, model.head
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise LlamactlError(f"cannot save weights as {dtype}; choose one of {', '.join(DTYPE_NAMES.values())}")
+    dtype = parse_dtype(dtype, "--save-dtype")
     tok_path = resolve_tokenizer(tokenizer)
     if tok_path is not None:
         check_vocab(tok_path, cfg, "--tokenizer")
