@@ -117,13 +117,12 @@ class ParallelConfig:
         return max(1, self.world // (self.tp * self.pp))
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "nproc", "nnodes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise LlamactlError(f"{name} must be a whole number >= 1, got {v!r} (--{name})")
-        if self.world % (self.tp * self.pp):
-            raise LlamactlError(f"--tp {self.tp} x --pp {self.pp} does not divide the {self.world} processes "
-                                f"(--nproc {self.nproc} x --nnodes {self.nnodes})")
+        """Every degree >= 1 and tp * pp dividing the world (parallel.context.check_layout: the one check)."""
+        from llamactl.parallel.context import check_layout
+
+        check_layout(self.tp, self.pp, nproc=self.nproc, nnodes=self.nnodes)
+        if not isinstance(self.zero, bool):
+            raise LlamactlError(f"zero must be true or false, got {self.zero!r} (--zero)")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

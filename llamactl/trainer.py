@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -41,7 +40,7 @@ from llamactl.errors import LlamactlError
 from llamactl.optim import clipped_step, lr_at, make_adamw, param_groups
 from llamactl.parallel.data import GradNorm, GradReducer, count_valid
 from llamactl.parallel.pipeline import StepOutput, batch_inputs, forward_only, lm_output_loss, pipeline_step
-from llamactl.rundir import list_checkpoints, step_dir, truncate_metrics
+from llamactl.rundir import list_checkpoints, recover, remove_checkpoint, step_dir, truncate_metrics
 
 SAVE_DTYPES = ("bfloat16", "float32", "float16")
 
@@ -328,7 +327,7 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
     metrics_path = run_dir / "metrics.jsonl"
 
     if resume:
-        ckpt = checkpoint.latest(run_dir)
+        ckpt = recover(run_dir) if ctx.is_main else checkpoint.latest(run_dir)  # main: drop killed writers' leftovers
         if ckpt is None:
             raise LlamactlError(f"nothing to resume: no complete checkpoint in {run_dir} (--resume, --out)")
         state = trainer.load(ckpt)
@@ -364,7 +363,7 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
         if ctx.is_main:
             checkpoint.set_latest(run_dir, path)
             for old in list_checkpoints(run_dir)[:-cfg.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
         return path
 
     def report(row: dict) -> bool:

@@ -222,6 +222,7 @@ def test_fit_writes_metrics_and_checkpoints(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "run").glob("step-*"))
     assert ckpts == ["step-000004", "step-000005"]            # keep the last 2
     assert checkpoint.latest(tmp_path / "run").name == "step-000005" and res.step == 5
+    assert checkpoint.read_meta(tmp_path / "run" / "step-000005")["dtype"] == "bfloat16"   # --save-dtype default
     with pytest.raises(LlamactlError, match="--resume"):
         fit(build_model(_cfg(), CTX, seed=0), CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run",
             tokenizer=None, show_progress=False)
@@ -241,12 +242,13 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
         return loss * float("nan") if calls["n"] > 6 else loss   # step 4 (2 micro-batches per step)
 
     loss_fn.needs_hidden = True
-    cfg = TrainConfig(steps=6, lr=1e-2, save_every=2)
+    cfg = TrainConfig(steps=6, lr=1e-2, save_every=2, save_dtype="float32")
     with pytest.raises(LlamactlError, match=r"loss is nan at step 4.*last good checkpoint: .*step-000002"):
         fit(model, CTX, cfg, _ListSource(windows), run_dir=tmp_path / "run", loss_fn=loss_fn,
             tokenizer=None, show_progress=False)
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002"]
     assert checkpoint.verify(tmp_path / "run" / "step-000002") == []
+    assert checkpoint.read_meta(tmp_path / "run" / "step-000002")["dtype"] == "float32"
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -421,3 +423,77 @@ def test_validation_rows_and_callbacks(tmp_path):
     with pytest.raises(LlamactlError, match="--eval-every"):
         fit(model, CTX, TrainConfig(steps=2, eval_every=1), _ListSource(windows), run_dir=tmp_path / "x",
             show_progress=False)
+
+
+# ---- several models in one run (PPO: policy and value) -----------------------------------------------
+def _value_loss(values, batch):
+    """Squared error of a value head's per-token outputs against targets drawn by the loop (its RNG)."""
+    err = (values - batch.value_targets) * batch.loss_mask
+    return (err * err).sum()
+
+
+class _ValueBatch(Batch):
+    def __init__(self, b, targets):
+        super().__init__(b.tokens, b.targets, b.loss_mask)
+        self.value_targets = targets
+
+    def to(self, device):
+        return self
+
+
+def _two_model_run(root, steps, *, stop_after=None, resume=False):
+    """A PPO-shaped loop: policy and value trainers stepped in turn; value targets come from the process RNG
+    and the data from a resumable source, both kept in the shared train state; saved every 2 steps."""
+    from llamactl.runstate import load_run_state, save_run_state
+    from llamactl.trainer import rng_state, seed_everything, set_rng_state
+
+    windows, _ = _batches(n=8)
+    seed = 99 if resume else 0  # a resumed run starts from other weights: everything must come from disk
+    policy = Trainer(build_model(_cfg(), CTX, seed=seed), CTX, TrainConfig(steps=steps, lr=1e-2, warmup=1))
+    value = Trainer(build_model(_cfg(), CTX, "value", seed=seed + 1), CTX,
+                    TrainConfig(steps=steps, lr=5e-3, schedule="constant"), _value_loss)
+    source = _ListSource(windows)
+    trainers = {"policy": policy, "value": value}
+    seed_everything(5)
+    if resume:
+        shared = load_run_state(root, trainers, CTX)
+        source.load_state_dict(shared["data"])
+        set_rng_state(shared["rng"])
+    losses = []
+    while policy.global_step < steps:
+        micro = source.next_step()
+        p = policy.step(micro)
+        v = value.step([_ValueBatch(b, torch.randn(b.tokens.shape)) for b in micro])
+        losses.append((policy.global_step, p.loss, v.loss, p.grad_norm, v.grad_norm))
+        if policy.global_step % 2 == 0:
+            save_run_state(root, trainers, {"data": source.state_dict(), "rng": rng_state()}, CTX, keep=2)
+        if policy.global_step == stop_after:
+            break
+    return losses, trainers
+
+
+def test_exact_resume_of_two_trainers_in_one_run(tmp_path):
+    """Policy and value trainers saved together (run/policy/, run/value/, one shared state) resume exactly:
+    the continued run's losses, norms and final weights of both models equal an uninterrupted run's, bit for
+    bit (weights stored in bf16, fp32 masters restored from train_state)."""
+    from llamactl import checkpoint
+    from llamactl.runstate import state_steps
+
+    import shutil
+
+    straight, ref = _two_model_run(tmp_path / "straight", 5)
+    first, _ = _two_model_run(tmp_path / "cut", 5, stop_after=4)
+    # killed after both models' step-4 checkpoints, before the shared state of step 4 was complete
+    shutil.rmtree(tmp_path / "cut" / "state" / "step-000004")
+    assert state_steps(tmp_path / "cut") == [2]
+    rest, got = _two_model_run(tmp_path / "cut", 5, resume=True)
+    assert [r[0] for r in rest] == [3, 4, 5]
+    assert first[:2] + rest == straight and first[2:] == straight[2:4]
+    for name in ("policy", "value"):
+        assert (got[name].global_step, got[name].tokens) == (ref[name].global_step, ref[name].tokens)
+        for (n, a), (_, b) in zip(got[name].model.named_parameters(), ref[name].model.named_parameters()):
+            assert torch.equal(a, b), (name, n)
+        ck = checkpoint.latest(tmp_path / "cut" / name)   # each model directory is a usable --model
+        assert ck.name == "step-000004" and checkpoint.read_meta(ck)["dtype"] == "bfloat16"
+    assert state_steps(tmp_path / "straight") == [2, 4]  # keep=2
+    assert sorted(p.name for p in (tmp_path / "straight" / "policy").glob("step-*")) == ["step-000002", "step-000004"]
