@@ -366,7 +366,7 @@ def test_applied_constraints_always_pass_their_check_and_keep_the_task_answer():
             others = [p for p in c.parts if p.kind != "length"]
             assert all(p.check(out) for p in others)
     c = C.parse("capitals+end:banana")
-    assert C.adherence(c, ["17 BANANA", "SUN DOG banana", "sun dog banana", "17"]) == 0.5
+    assert C.adherence(c, ["17 BANANA", "SUN DOG BANANA.", "SUN DOG banana", "17"]) == 0.5
     assert C.adherence(c, []) == 0.0
     # a capitalised, 'banana'-ended number answer still scores as the number
     it = _item("arithmetic", "17", a=12, b=5, op="+")
