@@ -108,26 +108,37 @@ def test_one_line_for_failed_ranks():
 
 
 
-# ---- a stop by signal through the launcher --------------------------------------------------------------
-def test_sigterm_to_the_launcher_stops_the_ranks_with_143(tiny_corpus, tiny_tokenizer, tmp_path):
+# ---- signals through the launcher ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_data(tiny_corpus, tiny_tokenizer, tmp_path_factory):
+    from llamactl.data import prepare
+
+    src = tmp_path_factory.mktemp("src") / "text.txt"
+    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
+    out = tmp_path_factory.mktemp("data")
+    prepare([src], tiny_tokenizer, out, val_fraction=0.0, workers=1, show_progress=False)
+    return out
+
+
+def _pretrain_tp2(data, run, steps):
+    import sys
+
+    return [sys.executable, "-m", "llamactl", "pretrain", "--data", str(data), "--out", str(run), "--size", "tiny",
+            "--steps", str(steps), "--seq-len", "32", "--batch-tokens", "128", "--micro-batch", "4",
+            "--eval-tokens", "0", "--warmup", "0", "--peak-flops", "1e11", "--save-every", "100000",
+            "--tp", "2", "--nproc", "2"]
+
+
+def test_sigterm_to_the_launcher_stops_the_ranks_with_143(tiny_data, tmp_path):
     """The launcher passes SIGTERM on to the ranks, which save and stop; it exits 143 with no error line."""
     import json
     import subprocess
-    import sys
     import time
 
-    from llamactl.data import prepare
-
-    src = tmp_path / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
-    prepare([src], tiny_tokenizer, tmp_path / "data", val_fraction=0.0, workers=1, show_progress=False)
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    p = subprocess.Popen([sys.executable, "-m", "llamactl", "pretrain", "--data", str(tmp_path / "data"),
-                          "--out", str(run), "--size", "tiny", "--steps", "10000", "--seq-len", "32",
-                          "--batch-tokens", "128", "--micro-batch", "4", "--eval-tokens", "0", "--warmup", "0",
-                          "--peak-flops", "1e11", "--save-every", "100000", "--tp", "2", "--nproc", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(_pretrain_tp2(tiny_data, run, 10000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:
         if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
@@ -140,3 +151,18 @@ def test_sigterm_to_the_launcher_stops_the_ranks_with_143(tiny_corpus, tiny_toke
     assert "Traceback" not in err and "error:" not in err, err[-3000:]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert (run / "latest").read_text().strip() == f"step-{steps[-1]:06d}"   # saved the step it stopped after
+
+
+def test_a_killed_rank_is_named_once(tiny_data, tmp_path):
+    """A rank killed outright (the OOM killer, say) leaves no line of its own: the launcher names it, once."""
+    import re
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", LLAMACTL_FAULT_AT_STEP="1",
+               LLAMACTL_FAULT_SIGNAL="KILL")
+    p = subprocess.run(_pretrain_tp2(tiny_data, tmp_path / "run", 3), capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 128 + signal.SIGKILL, p.stderr[-3000:]
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(r"error: rank [01] was killed by SIGKILL", errors[0]), p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr, p.stderr[-3000:]
