@@ -1,10 +1,10 @@
 """Training throughput: llamactl vs Hugging Face LlamaForCausalLM on the same `small` config.
 
 Same shapes (~60M parameters, vocab 32000), same batch, fp32, same AdamW (0.9, 0.95, 1e-5, wd 0.1 on
-matrices, fused kernel for both), clip 1.0. Each side clips as its users do: llamactl runs what
-trainer.fit runs (the gradient norm, then the clip coefficient folded into the fused AdamW step as its
-grad_scale), transformers runs clip_grad_norm_ (a pass scaling every gradient in place) then the step, as
-its Trainer does. The two are timed alternately in one process, one step at a time, many rounds, warm-up
+matrices, fused kernel for both), clip 1.0. Each side steps as its users do: llamactl runs `Trainer.step`,
+what trainer.fit runs (forward + backward through the one pipeline step, the gradient norm, then the clip
+coefficient folded into the fused AdamW step as its grad_scale, schedule and counters), transformers runs
+backward, clip_grad_norm_ (a pass scaling every gradient in place) then the step, as its Trainer does. The two are timed alternately in one process, one step at a time, many rounds, warm-up
 steps excluded; the ratio reported is the median of the per-round ratios (other processes share the
 cores, so single timings are noisy). MFU is against the measured fp32 matmul peak.
 
@@ -19,16 +19,6 @@ import time
 import torch
 
 
-def llamactl_clip_step(params, opt) -> None:
-    """What trainer.fit runs after backward: the norm (read on the host for the metrics), then the step with
-    the clip coefficient folded in."""
-    from llamactl.trainer import clipped_step, default_grad_norm
-
-    norm = default_grad_norm(params)
-    float(norm)
-    clipped_step(opt, params, norm, 1.0)
-
-
 def hf_clip_step(params, opt) -> None:
     """What a transformers user (and its Trainer) runs: clip_grad_norm_ scales the gradients, then the step."""
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -36,7 +26,7 @@ def hf_clip_step(params, opt) -> None:
 
 
 def update(loss, params, opt, clip_step) -> float:
-    """The part of a step both sides share: backward, clip 1.0 + AdamW (each side's clip_step), drop the grads."""
+    """transformers' side after its forward: backward, clip 1.0 + AdamW, drop the grads."""
     loss.backward()
     clip_step(params, opt)
     opt.zero_grad(set_to_none=True)
@@ -44,31 +34,28 @@ def update(loss, params, opt, clip_step) -> float:
 
 
 def llamactl_step_factory(cfg, batch, compile_: bool):
-    from llamactl.parallel.context import ParallelContext
+    from llamactl.data import Batch
     from llamactl.model import build_model
-    from llamactl.parallel.head_loss import lm_head_cross_entropy
-    from llamactl.trainer import TrainConfig, make_adamw, param_groups
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.trainer import TrainConfig, Trainer
 
     ctx = ParallelContext.single()
     model = build_model(cfg, ctx, seed=0)
-    model.train()
-    fwd = torch.compile(model) if compile_ else model
-    opt = make_adamw(param_groups(model, 0.1), TrainConfig(lr=1e-4))
-    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    params = list(model.parameters())
+    # the lm head fused into the loss (trainer.lm_loss), clip 1.0, AdamW (0.9, 0.95, 1e-5), wd 0.1
+    trainer = Trainer(model, ctx, TrainConfig(steps=10**9, lr=1e-4, schedule="constant", compile=compile_))
+    micro = [Batch.from_windows(batch.numpy())]
 
     def step():
-        # what trainer.lm_loss does: hidden states, then the lm head fused into the loss
-        loss = lm_head_cross_entropy(fwd(x, return_hidden=True), model.output, y, ctx, reduction="mean")
-        return update(loss, params, opt, llamactl_clip_step)
+        return trainer.step(micro).loss
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def hf_step_factory(cfg, batch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llamactl.trainer import TrainConfig, make_adamw, param_groups
+    from llamactl.optim import make_adamw, param_groups
+    from llamactl.trainer import TrainConfig
 
     hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -126,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from llamactl.config import preset
-    from llamactl.trainer import measure_peak_flops, model_flops_per_token
+    from llamactl.flops import measure_peak_flops, model_flops_per_token
 
     cfg = preset("small")
     batch = torch.randint(0, cfg.vocab_size, (a.micro_batch, a.seq_len + 1), generator=torch.Generator().manual_seed(0))

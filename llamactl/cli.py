@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from llamactl.errors import LlamactlError
 from llamactl.parallel.context import LayoutError
@@ -175,11 +175,11 @@ def pretrain(
     from llamactl.stages.runner import run_stage
 
     if opts.dry_run and data is None and opts.config is None:
-        la = opts.launch
-        tp, pp = la.tp or 1, la.pp or 1
-        world = int(os.environ.get("WORLD_SIZE", (la.nproc or 1) * (la.nnodes or 1)))
-        dry_run_plan(size or "tiny", "pretrain", tp=tp, pp=pp, gpus=world, seq_len=seq_len, micro_batch=micro_batch,
-                     tokens=tokens, zero=bool(la.zero))
+        from llamactl.stages.runner import resolve_parallel
+
+        par = resolve_parallel({}, opts.launch.parallel_flags())
+        dry_run_plan(size or "tiny", "pretrain", tp=par.tp, pp=par.pp, gpus=par.world, seq_len=seq_len,
+                     micro_batch=micro_batch, tokens=tokens, zero=par.zero)
         return
     flags = dict(size=size, data=str(data) if data else None, out=str(out) if out else None, steps=steps,
                  tokens=tokens, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr,
@@ -191,7 +191,21 @@ def pretrain(
               dry_run=opts.dry_run, resume=opts.resume)
 
 
-@app.command("eval")
+class _DefaultToLoss(TyperGroup):
+    """`llamactl eval --model M --data D` (no subcommand named) still means `llamactl eval loss ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["loss", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(cls=_DefaultToLoss, no_args_is_help=True,
+                       help="Evaluate a checkpoint: loss on held-out tokens (the default), or task-suite scores.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("loss")
 def eval_cmd(
     model: Path = typer.Option(..., "--model", help="Checkpoint directory to score."),
     data: Path = typer.Option(..., "--data", help="Prepared data directory (llamactl data prepare)."),
@@ -414,6 +428,82 @@ def data_corpus(
 
     path = write_stdlib_corpus(out, max_bytes=int(max_mb * 1e6) if max_mb else None)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+# ---- the verifiable task suite and the simulated annotator (issue 14) ----------------------------------
+@data_app.command("tasks")
+def data_tasks(
+    out: Path = typer.Option(..., "--out", help="Directory to write the suite into (made atomically)."),
+    seed: int = typer.Option(0, "--seed", help="Seed; the same seed writes byte-identical files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+):
+    """Write the verifiable task suite: pretraining text, SFT and prompt sets (train / held-out), scorers' fields."""
+    from llamactl.tasks import write_suite
+
+    m = write_suite(out, seed=seed, overwrite=overwrite)
+    c = m["counts"]
+    rows = [[f, "yes" if meta["safety"] else "", c["sft.train"][f], c["prompts.train"][f], c["prompts.heldout"][f]]
+            for f, meta in m["families"].items()]
+    console.print(table(f"wrote {out} (seed {m['seed']}; pretrain.txt {m['pretrain']['bytes'] / 1e6:.2f} MB, "
+                        f"{m['pretrain']['documents']:,} documents)",
+                        ["family", "safety", "sft train", "prompts train", "held-out"], rows))
+
+
+@data_app.command("preferences")
+def data_preferences(
+    model: Path = typer.Option(..., "--model", help="Checkpoint to sample both answers from (the current policy)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Task prompts (a suite's prompts.train.jsonl: gold answers and scorer fields)."),
+    out: Path = typer.Option(..., "--out", help="Preference pairs JSONL to write (atomically)."),
+    model_b: Optional[Path] = typer.Option(None, "--model-b", help="Checkpoint for answer B (default: --model)."),
+    temperatures: str = typer.Option("0.7,1.0", "--temperatures", help="Temperatures of answers A and B, e.g. 0.7,1.0 (one value: both)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass of both answers."),
+    seed: int = typer.Option(0, "--seed", help="Seed; every answer has its own generator, so batching changes nothing."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens per answer."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Answers decoded together."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of each family."),
+    raw: bool = typer.Option(False, "--raw", help='Prompt a base model as "Question: ... Answer:" instead of the chat template.'),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+):
+    """Simulated annotator: two answers per prompt, judged against the gold, written as rated preference pairs.
+
+    Ratings from the annotator's score gap: >= 0.5 significantly_better, >= 0.25 better, >= 0.1 slightly_better,
+    >= 0.01 negligibly_better; smaller gaps are ties and are dropped.
+    """
+    from llamactl.stages.preferences import run_preferences, summary_rows
+
+    s = run_preferences(model, prompts, out, model_b_dir=model_b, temperatures=temperatures, top_p=top_p, seed=seed,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, raw=raw, device=device)
+    cols, rows = summary_rows(s)
+    console.print(table(f"wrote {out}: {s['pairs']:,} pairs from {s['prompts']:,} prompts ({s['ties']:,} ties, "
+                        f"{s['skipped']:,} with an empty answer, dropped; T {s['temperatures'][0]:g} vs "
+                        f"{s['temperatures'][1]:g})", cols, rows))
+
+
+@eval_app.command("tasks")
+def eval_tasks_cmd(
+    model: Path = typer.Option(..., "--model", help="Checkpoint to evaluate."),
+    suite: Path = typer.Option(..., "--suite", help="Task suite directory (llamactl data tasks)."),
+    split: str = typer.Option("heldout", "--split", help="Prompt split: heldout or train."),
+    samples: int = typer.Option(4, "--samples", help="Sampled answers per prompt, scored by their mean (0: greedy only)."),
+    temperature: float = typer.Option(0.7, "--temperature", help="Temperature of the sampled answers (greedy is always temperature 0)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass of the sampled answers."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens per answer."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of each family."),
+    raw: bool = typer.Option(False, "--raw", help='Prompt a base model as "Question: ... Answer:" (first line kept) instead of the chat template.'),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled answers."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Answers decoded together."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result (per family, overall, per prompt) as JSON."),
+):
+    """Ground-truth score per task family on a suite's held-out prompts, greedy and sampled (overall: mean of families)."""
+    from llamactl.stages.eval_tasks import result_rows, run_eval_tasks
+
+    r = run_eval_tasks(model, suite, split=split, samples=samples, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, limit=limit, raw=raw, seed=seed, batch_size=batch_size,
+                       device=device, out=out)
+    cols, rows = result_rows(r)
+    console.print(table(f"task scores of {model} on {suite} ({split}{', raw' if raw else ''})"
+                        + (f" -> {out}" if out else ""), cols, rows))
 
 
 # ---- entry point ------------------------------------------------------------------------------------

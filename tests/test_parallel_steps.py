@@ -160,7 +160,8 @@ STEPS_OLD = 4
 
 
 def _losses_as_recorded_before_the_one_loss_signature(rank, root):
-    """One loss signature, one step path: pp 1 (rank 0 alone) and pp 2 give the losses of the old twin paths."""
+    """One loss signature, one step path: pp 1 (rank 0 alone) and pp 2 give the losses of the old twin paths;
+    the validation rows of the loop agree between pp 1 and pp 2 (and validation changes no training row)."""
     import json
 
     import torch.distributed as dist
@@ -170,20 +171,27 @@ def _losses_as_recorded_before_the_one_loss_signature(rank, root):
     from llamactl.parallel.context import ParallelContext
     from llamactl.trainer import TrainConfig, fit
 
-    cfg = TrainConfig(steps=STEPS_OLD, lr=3e-3, warmup=2, clip=1.0)
+    cfg = TrainConfig(steps=STEPS_OLD, lr=3e-3, warmup=2, clip=1.0, eval_every=2)
+    held_out = _micro_batches(99, 256, 1, 0, 3)  # validation in the loop (forward_only through the pipeline)
+    val = {}
     for pp in (1, 2):
         if pp == 1 and rank != 0:
             continue
         ctx = ParallelContext.single() if pp == 1 else ParallelContext.from_world(1, 2)
         model = build_model(preset("tiny", n_layers=2, vocab_size=256), ctx, seed=0)
         run = Path(root) / f"recorded-pp{pp}"
-        fit(model, ctx, cfg, _Batches(256, 1, 0, 2), run_dir=run, show_progress=False)
+        fit(model, ctx, cfg, _Batches(256, 1, 0, 2), run_dir=run, eval_batches=lambda: held_out, show_progress=False)
         if pp == 2:
             dist.barrier()
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        val[pp] = [(r["step"], r["loss"]) for r in rows if r["split"] == "val"]
+        rows = [r for r in rows if r["split"] == "train"]
         losses, norms = RECORDED[pp]
         assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-6, abs=0), pp
         assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-6, abs=0), pp
+    if rank == 0:
+        assert [s for s, _ in val[2]] == [s for s, _ in val[1]] == [2, 4]
+        assert [v for _, v in val[2]] == pytest.approx([v for _, v in val[1]], rel=1e-5, abs=0)
 
 
 def _greedy(rank, world):

@@ -26,7 +26,7 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
                    show_progress: bool = False) -> EvalResult:
     """Score every non-overlapping window of `data` (a TokenData) in order, up to max_tokens targets."""
     from llamactl.data import Batch, eval_windows
-    from llamactl.parallel.head_loss import lm_head_cross_entropy
+    from llamactl.parallel.pipeline import forward_only, lm_output_loss
     from llamactl.ui import progress
 
     device = next(model.parameters()).device
@@ -38,21 +38,14 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
                             f"{seq_len + 1} ({data.dir}); lower --seq-len")
     total, count = 0.0, 0
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    if ctx.pp > 1:  # forwards through the pipeline; the last stage scores, every stage gets the sum
-        from llamactl.parallel.pipeline import forward_only, lm_output_loss
-
-        loss_fn = lm_output_loss(ctx, head=model.output) if ctx.is_last_stage else lm_output_loss(ctx)
+    loss_fn = lm_output_loss(ctx, head=model.output)  # the training loss: the fused head on the last stage
     with progress(disable=not show_progress) as bar:
         task = bar.add_task("eval", total=len(windows))
         for i in range(0, len(windows), batch_size):
             b = Batch.from_windows(np.stack(windows[i:i + batch_size])).to(device)
-            if ctx.pp > 1:
-                # every dp replica scores the same windows: forward_only's dp sum counts them dp times
-                total += forward_only(model, [b], ctx, loss_fn, autocast=amp).loss / ctx.dp
-            else:
-                with amp():
-                    hidden = model(b.tokens, return_hidden=True)
-                    total += float(lm_head_cross_entropy(hidden, model.output, b.targets, ctx, reduction="sum"))
+            # forwards through the pipeline (one stage at pp 1); the last stage scores, every stage gets the
+            # sum; every dp replica scores the same windows, so forward_only's dp sum counts them dp times
+            total += forward_only(model, [b], ctx, loss_fn, autocast=amp).loss / ctx.dp
             count += b.num_valid
             bar.advance(task, min(batch_size, len(windows) - i))
     model.train(was_training)
