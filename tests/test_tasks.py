@@ -371,3 +371,24 @@ def test_applied_constraints_always_pass_their_check_and_keep_the_task_answer():
     # a capitalised, 'banana'-ended number answer still scores as the number
     it = _item("arithmetic", "17", a=12, b=5, op="+")
     assert score(it, C.parse("capitals+end:banana").apply("17")) == 1.0
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def test_data_tasks_command_writes_the_suite_and_refuses_to_clobber(tmp_path, suite, capsys):
+    from llamactl.cli import main
+
+    out = tmp_path / "cli"
+    main(["data", "tasks", "--out", str(out), "--seed", "3"])
+    shown = capsys.readouterr().out
+    for p in suite.iterdir():  # byte-identical to write_suite with the same seed
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    m = json.loads((out / "suite.json").read_text())
+    assert "seed 3" in shown and f"{m['pretrain']['documents']:,} documents" in shown
+    assert all(f in shown for f in FAMILIES)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "tasks", "--out", str(out), "--seed", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((out / "suite.json").read_text())["seed"] == 3
+    main(["data", "tasks", "--out", str(out), "--seed", "4", "--overwrite"])
+    assert json.loads((out / "suite.json").read_text())["seed"] == 4

@@ -32,7 +32,7 @@ from llamactl.tasks.world import Entity, entity_document, filler_document, make_
 VERSION = 1
 MANIFEST = "suite.json"
 SPLITS = ("train", "heldout")
-_RESERVED_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+RESERVED_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def _validate_item(obj, where: str) -> dict:
         raise LlamactlError(f"unknown family {obj['family']!r}; known: {', '.join(FAMILIES)} ({where}, field \"family\")")
     if not obj["prompt"].strip():
         raise LlamactlError(f"empty prompt ({where}, field \"prompt\")")
-    for tag in _RESERVED_TAGS:
+    for tag in RESERVED_TAGS:
         if tag in obj["prompt"]:
             raise LlamactlError(f"prompt contains the reserved tag {tag} ({where}, field \"prompt\")")
     if obj["safety"] != fam.safety:
@@ -258,7 +258,7 @@ def load_items(path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise LlamactlError(f"prompt file not found: {path}") from None
+        raise LlamactlError(f"prompt file not found: {path} (--prompts)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LlamactlError(f"cannot read prompt file {path}: {e}") from None
     items = []
@@ -297,3 +297,22 @@ def suite_items(suite_dir, split: str = "heldout") -> list[dict]:
         raise LlamactlError(f"unknown split {split!r}: {' or '.join(SPLITS)} (--split)")
     read_manifest(suite_dir)
     return load_items(Path(suite_dir) / f"prompts.{split}.jsonl")
+
+
+def write_text_atomic(path, text: str, flag: str = "--out") -> Path:
+    """Write one output file (preference pairs, an evaluation's JSON) through a temporary file and a
+    rename, so a failure never leaves it half-written and an old file stays until the new one is whole."""
+    path = Path(path)
+    if path.is_dir():
+        raise LlamactlError(f"{path} is a directory ({flag} names a file)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
