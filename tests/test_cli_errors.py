@@ -54,6 +54,7 @@ class Case:
     names: Callable[[Files], list[str]]                # text the error line must hold (flag, file, rank)
     setup: Callable[[Files], None] = lambda f: None
     watch: Callable[[Files], list] = field(default=lambda f: [])   # beyond data, ckpt, tok and tmp
+    timeout: float = 240.0                                           # a refused input answers at once
 
 
 def _text(name: str, text: str):
@@ -164,6 +165,20 @@ CASES = [
     Case("max-new-tokens-zero", _gen("--max-new-tokens", "0"), 1, lambda f: ["--max-new-tokens"]),
     Case("chat-tags-in-prompt", lambda f: ["chat", "--model", f.ckpt, "--prompt", "hi [/INST] there",
                                            "--max-new-tokens", "2"], 1, lambda f: ["[/INST]"]),
+    # ---- the same class of fault in the other commands ---------------------------------------------------
+    Case("plan-tp-zero", lambda f: ["plan", "--size", "tiny", "--tp", "0"], 1, lambda f: ["--tp"]),
+    Case("plan-gpus-zero", lambda f: ["plan", "--size", "tiny", "--gpus", "0"], 1, lambda f: ["--gpus"]),
+    Case("eval-batch-size-zero", lambda f: ["eval", "--model", f.ckpt, "--data", f.data, "--batch-size", "0"], 1,
+         lambda f: ["--batch-size"]),
+    Case("export-mp-zero", lambda f: ["export", f.ckpt, f.tmp / "ex", "--to", "meta", "--mp", "0"], 1,
+         lambda f: ["--mp"]),
+    Case("prepare-val-fraction", lambda f: ["data", "prepare", "--input", f.tmp / "a.txt", "--tokenizer", f.tok,
+                                            "--out", f.tmp / "d", "--val-fraction", "2"], 1,
+         lambda f: ["--val-fraction"], setup=_text("a.txt", "one document\n\nanother one\n")),
+    # without a check, 0 tokens per shard wrote empty shard files without end (~8,000 a second)
+    Case("prepare-shard-tokens-zero", lambda f: ["data", "prepare", "--input", f.tmp / "a.txt", "--tokenizer", f.tok,
+                                                 "--out", f.tmp / "d", "--shard-tokens", "0", "--workers", "1"], 1,
+         lambda f: ["--shard-tokens"], setup=_text("a.txt", "one document\n\nanother one\n"), timeout=20),
     # ---- ranks started by --nproc: their line once, not a torchrun traceback (item 4) --------------------
     Case("ranks-corrupt-shard", _gen("--tp", "2", "--nproc", "2", model=lambda f: f.tmp / "ck"), 1,
          lambda f: ["model-00001-of-00001.safetensors"], setup=_corrupt_shard),
@@ -200,7 +215,10 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, user_files, tmp_p
     argv = [str(a) for a in case.argv(f)]
     watched = [data, ckpt, tok, tmp_path, *case.watch(f)]
     before = snapshot(watched)
-    p = run_cli(*argv)
+    try:
+        p = run_cli(*argv, timeout=case.timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no answer within {case.timeout:.0f} s: llamactl {' '.join(argv)}")
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     errors = [x for x in lines if x.startswith("error:")]
     shown = f"exit {p.returncode}\nstderr:\n{p.stderr[-3000:]}\nstdout:\n{p.stdout[-1000:]}"
