@@ -8,7 +8,9 @@ Layout of a prepared data directory:
     val-00000.bin ...   the held-out split (documents chosen by a hash of their text: deterministic)
 
 Inputs are text files (documents separated by blank lines), JSONL files (one {"text": ...} per line)
-or folders of them. Files are tokenized in parallel (a process pool, results consumed in input order, so
+or folders of them, picked and read by `llamactl.textfiles` exactly as `tokenizer train` reads them
+(binary or non-UTF-8 files are refused). The output is built in a temporary directory next to `--out`
+and swapped in only when complete: on any error the existing data stays as it was. Files are tokenized in parallel (a process pool, results consumed in input order, so
 the output never depends on scheduling) and streamed: no file is ever held whole in memory.
 
 Training reads windows of seq_len + 1 tokens through np.memmap in a seeded order; the sampler's
@@ -20,6 +22,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +32,11 @@ import numpy as np
 import torch
 
 from llamactl.errors import LlamactlError
-from llamactl.textfiles import list_input_files
+from llamactl.textfiles import iter_documents, list_input_files
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_OWN_FILES = re.compile(r"(index\.json|tokenizer\.model|(train|val)-\d{5}\.bin)")  # all `prepare` writes
 IGNORE = -100  # target value of positions that carry no loss
 
 
@@ -46,14 +48,19 @@ class Batch:
     tokens: torch.Tensor   # (B, T) int64 inputs
     targets: torch.Tensor  # (B, T) int64 next tokens, IGNORE where masked
     loss_mask: torch.Tensor  # (B, T) bool, True where the loss counts
+    doc_ids: torch.Tensor | None = None  # (B, T) int64 sample of each input token (packed SFT), -1 padding
 
     @classmethod
-    def from_windows(cls, windows: np.ndarray, mask: np.ndarray | None = None) -> "Batch":
-        """Windows of T+1 tokens -> inputs [:-1], targets [1:]; mask (B, T) marks targets that count."""
+    def from_windows(cls, windows: np.ndarray, mask: np.ndarray | None = None,
+                     doc_ids: np.ndarray | None = None) -> "Batch":
+        """Windows of T+1 tokens -> inputs [:-1], targets [1:]; mask (B, T) marks targets that count;
+        doc_ids (B, T), if given, the document of each input token (attention can stay inside it)."""
         w = torch.from_numpy(windows.astype(np.int64, copy=False))
         tokens, targets = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-        loss_mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else torch.from_numpy(mask).bool()
-        return cls(tokens, targets.masked_fill(~loss_mask, IGNORE), loss_mask)
+        loss_mask = torch.ones_like(targets, dtype=torch.bool) if mask is None else \
+            torch.from_numpy(np.ascontiguousarray(mask)).bool()
+        docs = None if doc_ids is None else torch.from_numpy(np.ascontiguousarray(doc_ids, dtype=np.int64))
+        return cls(tokens, targets.masked_fill(~loss_mask, IGNORE), loss_mask, docs)
 
     @property
     def num_valid(self) -> int:
@@ -65,7 +72,8 @@ class Batch:
         return self.tokens.numel()
 
     def to(self, device) -> "Batch":
-        return Batch(self.tokens.to(device), self.targets.to(device), self.loss_mask.to(device))
+        return Batch(self.tokens.to(device), self.targets.to(device), self.loss_mask.to(device),
+                     None if self.doc_ids is None else self.doc_ids.to(device))
 
 
 # ---- prepare ----------------------------------------------------------------------------------------
@@ -83,36 +91,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def list_inputs(inputs: list[Path]) -> list[Path]:
     """Expand folders (recursively, sorted) into text / JSONL files; keep explicit files as given."""
-    return list_input_files(inputs, TEXT_SUFFIXES + JSONL_SUFFIXES)
-
-
-def iter_documents(path: Path) -> Iterator[str]:
-    """Documents of one file, streamed: JSONL lines' "text", or blank-line separated blocks of text."""
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LlamactlError(f"invalid JSON on line {n}: {e.msg} ({path})") from None
-                text = obj.get("text") if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise LlamactlError(f'line {n} has no string field "text" ({path})')
-                if text.strip():
-                    yield text
-        return
-    block: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block).rstrip("\n")
-                block = []
-    if block:
-        yield "".join(block).rstrip("\n")
+    return list_input_files(inputs)
 
 
 def is_validation(text: str, fraction: float) -> bool:
@@ -191,32 +170,121 @@ class _ShardWriter:
             self.f = None
 
 
+def _check_out(out: Path) -> None:
+    """--out must be new, empty, or a folder `prepare` wrote: replacing it must not delete anything else."""
+    if out.exists() and not out.is_dir():
+        raise LlamactlError(f"{out} is a file, not a directory (--out)")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not _OWN_FILES.fullmatch(p.name) or not p.is_file())
+        if foreign:
+            raise LlamactlError(f"{out} is not a prepared data directory (it holds {foreign[0]}"
+                                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+                                f"choose a new or empty directory (--out)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Temporary folders next to --out left by a prepare that was killed (its process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        m = re.fullmatch(re.escape(f".{out.name}.") + r"(tmp|old)-(\d+)", p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the complete `tmp` at `out`; an existing `out` is moved aside first and removed only after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (so a failed run can remove what it made)."""
+    top = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        top = p
+    return top
+
+
 def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: float = 0.005,
             workers: int | None = None, shard_tokens: int = 1 << 28, show_progress: bool = True) -> dict:
-    """Tokenize inputs into out/ (shards + index.json). Deterministic for given inputs and tokenizer."""
+    """Tokenize inputs into out/ (shards + index.json). Deterministic for given inputs and tokenizer.
+
+    Everything is checked and written in `.{out}.tmp-{pid}` next to `out`, which is swapped in only on
+    success; an existing `out` must be a folder `prepare` wrote (it is replaced) or empty.
+    """
     from llamactl.tokenizer import Tokenizer
-    from llamactl.ui import progress
 
     if not 0 <= val_fraction < 1:
         raise LlamactlError(f"validation fraction must be in [0, 1), got {val_fraction} (--val-fraction)")
+    if shard_tokens < 1:
+        raise LlamactlError(f"--shard-tokens must be at least 1, got {shard_tokens} (--shard-tokens)")
+    if workers is not None and workers < 1:
+        raise LlamactlError(f"--workers must be at least 1, got {workers} (--workers)")
     tokenizer = Path(tokenizer)
     if tokenizer.is_dir():
         tokenizer = tokenizer / "tokenizer.model"
     if not tokenizer.is_file():
         raise LlamactlError(f"tokenizer not found ({tokenizer}, --tokenizer)")
-    tok = Tokenizer.load(tokenizer)
+    tok = Tokenizer.load(tokenizer, where="--tokenizer")
+    _check_out(Path(out))
     files = list_inputs(inputs)
-    dtype = token_dtype(tok.vocab_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("train-*.bin")) + list(out.glob("val-*.bin")) + [out / INDEX]:
-        old.unlink(missing_ok=True)
-    tmp = out / ".tmp"
+    out = Path(os.path.abspath(out))  # "." or "x/.." have no name to put a sibling next to
+    _remove_stale(out)
+    made = _missing_ancestor(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    try:
+        index = _prepare_into(tmp, files, tok, tokenizer, val_fraction, workers, shard_tokens, show_progress)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None:  # folders this call created for --out, now empty again
+            for p in [out.parent, *out.parent.parents]:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+                if p == made:
+                    break
+        raise
+    return index
+
+
+def _prepare_into(dest: Path, files: list[Path], tok, tokenizer: Path, val_fraction: float, workers: int | None,
+                  shard_tokens: int, show_progress: bool) -> dict:
+    """Write shards, tokenizer.model and index.json of `files` into the (fresh, private) folder `dest`."""
+    from llamactl.ui import progress
+
+    dtype = token_dtype(tok.vocab_size)
+    parts = dest / ".parts"
+    parts.mkdir()
+    writers = {s: _ShardWriter(dest, s, dtype, shard_tokens) for s in ("train", "val")}
     totals = {s: [0, 0] for s in writers}
-    jobs = [(i, str(f), str(tokenizer), str(tmp), val_fraction, dtype.name) for i, f in enumerate(files)]
+    jobs = [(i, str(f), str(tokenizer), str(parts), val_fraction, dtype.name) for i, f in enumerate(files)]
     workers = max(1, min(workers or (os.cpu_count() or 1), len(files)))
     total_bytes = sum(f.stat().st_size for f in files)
     try:
@@ -232,17 +300,19 @@ def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: flo
                         totals[s][0] += r["counts"][s][0]
                         totals[s][1] += r["counts"][s][1]
                     bar.advance(task, r["bytes"])
-            finally:
                 if pool:
                     pool.close()
+            finally:
+                if pool:
+                    pool.terminate()  # on an error: stop the other files now, not after all of them
                     pool.join()
+    finally:
         for w in writers.values():
             w.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts, ignore_errors=True)
     if totals["train"][1] == 0:
         raise LlamactlError(f"no documents found in {len(files)} input file(s) (--input)")
-    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    shutil.copyfile(tokenizer, dest / "tokenizer.model")
     index = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,
@@ -256,7 +326,7 @@ def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: flo
         "splits": {s: {"tokens": totals[s][0], "documents": totals[s][1], "shards": writers[s].shards}
                    for s in writers},
     }
-    (out / INDEX).write_text(json.dumps(index, indent=1))
+    (dest / INDEX).write_text(json.dumps(index, indent=1))
     return index
 
 

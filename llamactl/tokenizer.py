@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import sentencepiece as spm
 
 from llamactl.errors import LlamactlError
-from llamactl.textfiles import list_input_files
+from llamactl.textfiles import iter_sentences, list_input_files
 
 MODEL_NAME = "tokenizer.model"
 
@@ -100,9 +100,6 @@ class Tokenizer:
 
 
 # ---- training ---------------------------------------------------------------------------------------
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
-
-
 @dataclass
 class TrainReport:
     """What `train` did, for the CLI table."""
@@ -116,37 +113,21 @@ class TrainReport:
     bytes_per_token: float  # on (up to) the first 1 MB of input lines
 
 
-def _input_files(inputs: Sequence[Path]) -> list[Path]:
-    """Files to read: each file as given, each folder's text/JSONL files in sorted order."""
-    return list_input_files(inputs, TEXT_SUFFIXES)
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an --out whose tokenizer.model would be replaced without being asked to.
 
-
-def _lines(path: Path, on_bytes) -> Iterator[str]:
-    """Lines of one input: a text file line by line, or the "text" fields of a JSONL file split into lines."""
-    jsonl = path.suffix.lower() in (".jsonl", ".json")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            on_bytes(len(raw))
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise LlamactlError(f"not UTF-8 text: {path}:{lineno} (--input)") from None
-            if not jsonl:
-                line = line.rstrip("\r\n")
-                if line:
-                    yield line
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlamactlError(f"bad JSON in {path}:{lineno}: {e.msg} (--input)") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise LlamactlError(f'expected an object with a string "text" field in {path}:{lineno} (--input)')
-            for part in obj["text"].splitlines():
-                if part:
-                    yield part
+    A checkpoint (llamactl.json) or prepared data folder (index.json) records its tokenizer by sha256:
+    a new tokenizer there would silently break it, so those are refused even with overwrite.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlamactlError(f"{out_dir} is a file, not a directory (--out)")
+    for marker, what in (("llamactl.json", "a checkpoint"), ("index.json", "a prepared data directory")):
+        if (out_dir / marker).is_file():
+            raise LlamactlError(f"{out_dir} is {what} ({marker}); its tokenizer must stay the one it was made with: "
+                                f"write the new tokenizer to another directory (--out)")
+    if (out_dir / MODEL_NAME).exists() and not overwrite:
+        raise LlamactlError(f"{out_dir / MODEL_NAME} already exists; pass --overwrite to replace it or choose "
+                            f"another directory (--out)")
 
 
 def _vocab_error(msg: str, vocab_size: int) -> Optional[LlamactlError]:
@@ -166,21 +147,24 @@ def _vocab_error(msg: str, vocab_size: int) -> Optional[LlamactlError]:
 
 def train(inputs: Sequence[Path], out_dir: Path, vocab_size: int, *, character_coverage: float = 0.99995,
           max_sentences: int = 10_000_000, max_sentence_length: int = 65536, seed: int = 0,
-          num_threads: int = 16, show_progress: bool = False) -> TrainReport:
+          num_threads: int = 16, show_progress: bool = False, overwrite: bool = False) -> TrainReport:
     """Train a Llama-style SentencePiece BPE model on `inputs`; write out_dir/tokenizer.model atomically.
 
     At most `max_sentences` lines are used (a seeded random sample when there are more), so the
     result is the same for the same inputs, settings and seed. Lines longer than
     `max_sentence_length` bytes are skipped (and counted). The pieces do not depend on
     `num_threads`, but SentencePiece records it in the model file, so the default is a fixed number
-    (not the CPU count): the same inputs give byte-identical files on every machine.
+    (not the CPU count): the same inputs give byte-identical files on every machine. An existing
+    out_dir/tokenizer.model is refused before anything is read, unless `overwrite`; it is replaced
+    only by a complete, loadable model.
     """
     if vocab_size < 260:
         raise LlamactlError(f"--vocab-size {vocab_size} is too small: 3 special + 256 byte pieces need 259, "
                             f"plus the characters of the corpus")
-    files = _input_files(inputs)
-    total = sum(f.stat().st_size for f in files)
     out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    files = list_input_files(inputs)
+    total = sum(f.stat().st_size for f in files)
     counts = {"sentences": 0, "bytes": 0, "skipped": 0, "sample_bytes": 0}
     sample: list[str] = []
 
@@ -200,7 +184,7 @@ def train(inputs: Sequence[Path], out_dir: Path, vocab_size: int, *, character_c
     def sentences() -> Iterator[str]:
         try:
             for f in files:
-                for line in _lines(f, on_bytes):
+                for line in iter_sentences(f, on_bytes=on_bytes):
                     n = len(line.encode("utf-8"))
                     if n > max_sentence_length:
                         counts["skipped"] += 1
@@ -255,7 +239,17 @@ def train(inputs: Sequence[Path], out_dir: Path, vocab_size: int, *, character_c
     try:
         tmp.write_bytes(data)
         tok = Tokenizer.load(tmp)
-        os.replace(tmp, final)
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)  # fails if a tokenizer appeared meanwhile: never replaced unasked
+            except FileExistsError:
+                raise LlamactlError(f"{final} already exists; pass --overwrite to replace it (--out)") from None
+            except OSError:  # a filesystem without hard links
+                if final.exists():
+                    raise LlamactlError(f"{final} already exists; pass --overwrite to replace it (--out)") from None
+                os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     tok.path = final
@@ -295,37 +289,57 @@ ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]
 
 
+class DialogError(LlamactlError):
+    """A dialog rule broken by one message: `index` is the message, `key` its "role" / "content" (or None).
+
+    Readers of chat data files turn these into `file:line, field messages[i].content` locations.
+    """
+
+    def __init__(self, message: str, index: Optional[int] = None, key: Optional[str] = None):
+        super().__init__(message)
+        self.index, self.key = index, key
+
+
+def reserved_tag(text: str) -> Optional[str]:
+    """The first of [INST], [/INST], <<SYS>>, <</SYS>> in `text` (they would forge turn boundaries), or None."""
+    return next((tag for tag in SPECIAL_TAGS if tag in text), None)
+
+
 def validate_dialog(dialog: Sequence[Message], *, last: Optional[str] = None) -> None:
     """Refuse what Meta's chat_completion refuses (or silently mis-formats), with one clear line.
 
     Roles: an optional system message first, then user / assistant alternating, starting with user.
     `last` ("user" or "assistant") requires the dialog to end with that role. No message may
     contain [INST], [/INST], <<SYS>> or <</SYS>>: they would let content forge turn boundaries.
+    Raises `DialogError` naming the message (and key) at fault.
     """
     if not isinstance(dialog, (list, tuple)) or not dialog:
-        raise LlamactlError("a dialog is a non-empty list of {\"role\", \"content\"} messages")
+        raise DialogError("a dialog is a non-empty list of {\"role\", \"content\"} messages")
     for i, msg in enumerate(dialog):
-        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) \
-                or not isinstance(msg.get("content"), str):
-            raise LlamactlError(f"message {i} must be an object with string \"role\" and \"content\"")
+        if not isinstance(msg, Mapping):
+            raise DialogError(f"message {i} must be an object with string \"role\" and \"content\"", i)
+        for key in ("role", "content"):
+            if not isinstance(msg.get(key), str):
+                raise DialogError(f"message {i} must be an object with string \"role\" and \"content\"", i, key)
         if msg["role"] not in ROLES:
-            raise LlamactlError(f"message {i} has role {msg['role']!r}; roles are system, user, assistant")
-        for tag in SPECIAL_TAGS:
-            if tag in msg["content"]:
-                raise LlamactlError(f"message {i} ({msg['role']}) contains the reserved tag {tag}; "
-                                    f"messages may not contain {', '.join(SPECIAL_TAGS)}")
+            raise DialogError(f"message {i} has role {msg['role']!r}; roles are system, user, assistant", i, "role")
+        tag = reserved_tag(msg["content"])
+        if tag:
+            raise DialogError(f"message {i} ({msg['role']}) contains the reserved tag {tag}; "
+                              f"messages may not contain {', '.join(SPECIAL_TAGS)}", i, "content")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not turns:
-        raise LlamactlError("a dialog needs a user message after the system message")
+        raise DialogError("a dialog needs a user message after the system message", len(dialog) - 1, "role")
     for i, msg in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if msg["role"] != want:
             at = i + (len(dialog) - len(turns))
             what = "only the first message may be the system prompt" if msg["role"] == "system" else \
                 "roles must alternate user / assistant, starting with user"
-            raise LlamactlError(f"message {at} is {msg['role']!r} where {want!r} was expected: {what}")
+            raise DialogError(f"message {at} is {msg['role']!r} where {want!r} was expected: {what}", at, "role")
     if last is not None and turns[-1]["role"] != last:
-        raise LlamactlError(f"the last message must be from the {last}, got {turns[-1]['role']!r}")
+        raise DialogError(f"the last message must be from the {last}, got {turns[-1]['role']!r}",
+                          len(dialog) - 1, "role")
 
 
 def _fold_system(dialog: Sequence[Message]) -> list[dict]:

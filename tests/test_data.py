@@ -138,7 +138,7 @@ def test_no_documents_and_bad_inputs(tiny_tokenizer, tmp_path):
     with pytest.raises(LlamactlError, match="no documents"):
         prepare([tmp_path / "empty.txt"], tiny_tokenizer, tmp_path / "o", show_progress=False)
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": 1}\n')
-    with pytest.raises(LlamactlError, match='line 2 has no string field "text"'):
+    with pytest.raises(LlamactlError, match=r'string field "text", it is missing \(.*bad.jsonl:2, field text, --input\)'):
         prepare([tmp_path / "bad.jsonl"], tiny_tokenizer, tmp_path / "o", show_progress=False)
     with pytest.raises(LlamactlError, match="input not found"):
         prepare([tmp_path / "missing.txt"], tiny_tokenizer, tmp_path / "o", show_progress=False)
@@ -154,3 +154,138 @@ def test_cli_prepare_errors_are_one_line(tiny_tokenizer, tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no documents found in 1 input file") and "Traceback" not in "".join(err)
+
+
+# ---- one reader, one policy, nothing changed on error (issue 12 defect 3, issue 13 items 2 and 6) -------
+def _snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _siblings(d: Path) -> list[str]:
+    return sorted(p.name for p in d.parent.iterdir() if p.name != d.name and p.name.startswith(f".{d.name}"))
+
+
+def test_tokenizer_train_and_prepare_read_the_same_files(tiny_corpus, tmp_path):
+    from llamactl.tokenizer import train
+
+    paras = tiny_corpus.read_text().split("\n\n")[:400]
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("\n\n".join(paras[:150]) + "\n")
+    (d / "sub" / "b.rst").write_text("\n\n".join(paras[150:300]) + "\n")
+    (d / "c.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[300:]))
+    (d / "config.json").write_text('{\n "not": "a corpus"\n}\n')  # a config, not JSONL: walked by neither
+    (d / "prog.py").write_text("print('code is not picked from folders')\n")
+    files = list_inputs([d])
+    assert [f.relative_to(d).as_posix() for f in files] == ["a.txt", "c.jsonl", "sub/b.rst"]
+    r = train([d], tmp_path / "tok", 400)
+    lines = [l for p in paras for l in p.splitlines() if l]
+    assert r.sentences == len(lines)  # every line of every file prepare reads, and nothing else
+    index = prepare([d], r.path, tmp_path / "data", val_fraction=0.0, workers=1, show_progress=False)
+    assert index["sources"] == [str(f) for f in files] and index["splits"]["train"]["documents"] == len(paras)
+
+
+ELF_HEAD = b"\x7fELF\x02\x01\x01\x00" + bytes(8) + b"\x02\x00\x3e\x00"
+
+
+@pytest.mark.parametrize("name, raw, match", [
+    ("prog.txt", ELF_HEAD + b"some words\n" * 50, r"binary file, not text: NUL byte at line 1 \(.*prog.txt:1, --input\)"),
+    ("prog", b"hello\n" + ELF_HEAD, r"binary file.*prog:2"),
+    ("latin1.txt", "caf\u00e9 ol\u00e9\n".encode("utf-8") + "na\u00efve\n".encode("latin-1"),
+     r"not UTF-8 text: byte 0xef at line 2 \(.*latin1.txt:2, --input\)"),
+    ("nul.jsonl", b'{"text": "ok"}\n{"text": "a\x00b"}\n', r"binary file.*nul.jsonl:2"),
+])
+def test_binary_and_non_utf8_refused_by_both_commands(tiny_tokenizer, tmp_path, name, raw, match):
+    from llamactl.tokenizer import train
+
+    src = tmp_path / name
+    src.write_bytes(raw)
+    with pytest.raises(LlamactlError, match=match):
+        prepare([src], tiny_tokenizer, tmp_path / "o", workers=1, show_progress=False)
+    with pytest.raises(LlamactlError, match=match):
+        train([src], tmp_path / "t", 300)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t" / "tokenizer.model").exists()
+
+
+def test_utf8_bom_is_not_text(tiny_tokenizer, tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeffFirst words.\n\nSecond.\n".encode("utf-8"))
+    (tmp_path / "plain.txt").write_bytes("First words.\n\nSecond.\n".encode("utf-8"))
+    a = prepare([tmp_path / "bom.txt"], tiny_tokenizer, tmp_path / "a", val_fraction=0.0, workers=1, show_progress=False)
+    b = prepare([tmp_path / "plain.txt"], tiny_tokenizer, tmp_path / "b", val_fraction=0.0, workers=1, show_progress=False)
+    assert a["splits"] == b["splits"]
+    assert (tmp_path / "a" / "train-00000.bin").read_bytes() == (tmp_path / "b" / "train-00000.bin").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["empty", "binary", "bad_jsonl_late", "surrogate", "missing_tokenizer"])
+def test_failed_prepare_leaves_existing_data_untouched(prepared, tiny_tokenizer, tmp_path, case):
+    out = tmp_path / "data"
+    shutil.copytree(prepared, out)
+    before = _snapshot(out)
+    src = tmp_path / "in.txt"
+    tok = tiny_tokenizer
+    if case == "empty":
+        src.write_text("\n\n")
+    elif case == "binary":
+        src.write_bytes(ELF_HEAD * 100)
+    elif case == "bad_jsonl_late":  # fails after thousands of tokens were written
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"text": f"document number {i} has words"}) + "\n" for i in range(2000))
+                       + '["not an object"]\n')
+    elif case == "surrogate":
+        src = tmp_path / "in.jsonl"
+        src.write_text('{"text": "fine"}\n{"text": "half a pair \\ud83e here"}\n')
+    else:
+        src.write_text("words\n")
+        tok = tmp_path / "nope.model"
+    with pytest.raises(LlamactlError):
+        prepare([src], tok, out, workers=1, show_progress=False)
+    assert _snapshot(out) == before
+    assert _siblings(out) == []  # no temporary directory left next to it
+
+
+def test_prepare_replaces_existing_data_only_when_complete(prepared, tiny_tokenizer, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(prepared, out)
+    (tmp_path / "small.txt").write_text("One short document.\n\nAnd another one.\n")
+    index = prepare([tmp_path / "small.txt"], tiny_tokenizer, out, val_fraction=0.0, workers=1,
+                    shard_tokens=8, show_progress=False)
+    assert read_index(out) == index and index["splits"]["train"]["documents"] == 2
+    # the old, longer set of shards is gone: only what the new index names (and the tokenizer) remain
+    names = {sh["file"] for s in index["splits"].values() for sh in s["shards"]}
+    assert sorted(p.name for p in out.iterdir()) == sorted(names | {"index.json", "tokenizer.model"})
+    assert TokenData(out).num_tokens == index["splits"]["train"]["tokens"] and _siblings(out) == []
+
+
+def test_prepare_refuses_an_out_dir_it_did_not_write(tiny_tokenizer, tmp_path):
+    (tmp_path / "in.txt").write_text("Some words.\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(LlamactlError, match=r"not a prepared data directory.*notes.txt.*--out"):
+        prepare([tmp_path / "in.txt"], tiny_tokenizer, mine, workers=1, show_progress=False)
+    assert _snapshot(mine) == {"notes.txt": b"keep me"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LlamactlError, match=r"is a file.*--out"):
+        prepare([tmp_path / "in.txt"], tiny_tokenizer, tmp_path / "file", workers=1, show_progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is fine
+    prepare([tmp_path / "in.txt"], tiny_tokenizer, empty, val_fraction=0.0, workers=1, show_progress=False)
+    assert read_index(empty)["splits"]["train"]["documents"] == 1
+
+
+def test_prepare_twice_with_out_inside_the_input_folder(tiny_tokenizer, tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("Alpha words here.\n\nBeta words there.\n")
+    first = prepare([src], tiny_tokenizer, src / "data", val_fraction=0.0, workers=1, show_progress=False)
+    again = prepare([src], tiny_tokenizer, src / "data", val_fraction=0.0, workers=1, show_progress=False)
+    assert again["splits"] == first["splits"] and again["sources"] == [str(src / "a.txt")]
+
+
+@pytest.mark.parametrize("kwargs, match", [({"shard_tokens": 0}, "--shard-tokens"), ({"workers": 0}, "--workers"),
+                                           ({"val_fraction": 1.0}, "--val-fraction")])
+def test_prepare_refuses_bad_numbers(tiny_tokenizer, tmp_path, kwargs, match):
+    (tmp_path / "in.txt").write_text("Some words.\n")
+    with pytest.raises(LlamactlError, match=match):
+        prepare([tmp_path / "in.txt"], tiny_tokenizer, tmp_path / "o", show_progress=False, **{"workers": 1, **kwargs})
+    assert not (tmp_path / "o").exists()

@@ -161,7 +161,7 @@ def test_training_errors(tmp_path, small_text):
     with pytest.raises(LlamactlError, match="input not found"):
         train_tokenizer([tmp_path / "nope.txt"], tmp_path / "o", 1000)
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
-    with pytest.raises(LlamactlError, match=r"bad.jsonl:2"):
+    with pytest.raises(LlamactlError, match=r"bad.jsonl:2, field text"):
         train_tokenizer([tmp_path / "bad.jsonl"], tmp_path / "o", 1000)
     assert not (tmp_path / "o" / "tokenizer.model").exists()
 
@@ -315,3 +315,52 @@ def test_cli_missing_tokenizer_is_one_line_error(tmp_path):
     assert p.returncode == 1 and p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: tokenizer file not found") and str(missing) in lines[0]
+
+
+# ---- inputs and outputs of training (issue 13: nothing the user had changes on error) --------------------
+def test_training_does_not_replace_an_existing_tokenizer(tmp_path, small_text):
+    src = tmp_path / "a.txt"
+    src.write_text(small_text, encoding="utf-8")
+    first = train_tokenizer([src], tmp_path / "t", 400)
+    before = first.read_bytes()
+    with pytest.raises(LlamactlError, match=r"already exists.*--overwrite"):
+        train_tokenizer([src], tmp_path / "t", 500)
+    assert first.read_bytes() == before
+    assert train([src], tmp_path / "t", 500, overwrite=True).vocab_size == 500
+    assert Tokenizer.load(first).vocab_size == 500
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["tokenizer.model"]
+
+
+@pytest.mark.parametrize("marker", ["llamactl.json", "index.json"])
+def test_training_never_replaces_the_tokenizer_of_a_checkpoint_or_data_dir(tmp_path, small_text, marker):
+    """Their tokenizer is recorded by sha256: a new one would silently break them, even with overwrite."""
+    src = tmp_path / "a.txt"
+    src.write_text(small_text, encoding="utf-8")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / marker).write_text("{}")
+    (d / "tokenizer.model").write_bytes(b"old")
+    with pytest.raises(LlamactlError, match=f"{marker}"):
+        train([src], d, 400, overwrite=True)
+    assert (d / "tokenizer.model").read_bytes() == b"old"
+
+
+def test_training_out_is_a_file(tmp_path, small_text):
+    src = tmp_path / "a.txt"
+    src.write_text(small_text, encoding="utf-8")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LlamactlError, match=r"is a file.*--out"):
+        train([src], tmp_path / "f", 400)
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"text": "half \\ud800 pair"}', r"unpaired surrogate.*bad.jsonl:2, field text"),
+    ('["text"]', r"expected a JSON object, got list \(.*bad.jsonl:2"),
+    ('{"text": null}', r'"text", it is a NoneType \(.*bad.jsonl:2'),
+    ('{"text": "x"', r"invalid JSON.*bad.jsonl:2"),
+])
+def test_training_jsonl_errors_name_file_line_field(tmp_path, line, match):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine words"}\n' + line + "\n")
+    with pytest.raises(LlamactlError, match=match):
+        train_tokenizer([tmp_path / "bad.jsonl"], tmp_path / "o", 300)
+    assert not (tmp_path / "o").exists()
