@@ -26,7 +26,7 @@ from llamactl.kernels.reference import repeat_kv
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.pipeline import stage_layers
 from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
-                                      shard_specs)
+                                      reduce_from_tp, shard_specs)
 
 HEADS = ("lm", "reward", "value")
 
@@ -55,10 +55,12 @@ class KVCache:
         end = start + k.shape[2]
         if end > self.max_len:
             raise LlamactlError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len} (--max-new-tokens)")
-        b = k.shape[0]
-        self.k[layer][:b, :, start:end] = k
-        self.v[layer][:b, :, start:end] = v
-        return self.k[layer][:b, :, :end], self.v[layer][:b, :, :end]
+        kc, vc = self.k[layer], self.v[layer]
+        if k.shape[0] != kc.shape[0]:
+            kc, vc = kc[:k.shape[0]], vc[:k.shape[0]]
+        kc.narrow(2, start, k.shape[2]).copy_(k)  # narrow + copy_: a decode step's few-us write, no indexing
+        vc.narrow(2, start, k.shape[2]).copy_(v)
+        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep / reorder batch rows (e.g. drop finished sequences)."""
@@ -89,19 +91,30 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_local_kv, self.head_dim)
-        v = self.wv(x).view(b, t, self.n_local_kv, self.head_dim)
+        f = fused_weight(self)
+        if f is not None:  # inference after fuse_projections: one GEMM for q, k and v
+            q, k, v = inference_linear(self, "qkv", x, f.weight).split(f.sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(b, t, self.n_local_heads, self.head_dim)
+        k = k.view(b, t, self.n_local_kv, self.head_dim)
+        v = v.view(b, t, self.n_local_kv, self.head_dim)
         q, k = apply_rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)
+        rep = self.n_local_heads // self.n_local_kv
         if mask is None and t > 1:  # causal self-attention over these t tokens (training, prefill)
             out = causal_attention(q, k, v)
-        else:  # one new token (it sees every cached key), or an explicit mask (offset, padding)
-            rep = self.n_local_heads // self.n_local_kv
+        elif t == 1:  # one new token: it sees every cached key; GQA as `rep` queries per kv head (no kv copy)
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_local_kv, rep, self.head_dim), k, v,
+                                                 attn_mask=mask).view(b, self.n_local_heads, 1, self.head_dim)
+        else:  # an explicit mask (offset, padding)
             out = F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        if f is not None:
+            return reduce_from_tp(inference_linear(self, "wo", out, f.out), f.ctx)
+        return self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -113,7 +126,101 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(cfg.ffn_dim, cfg.dim, ctx, **kw)
 
     def forward(self, x):
+        f = fused_weight(self)
+        if f is not None:  # inference after fuse_projections: one GEMM for the gate and the up projection
+            a, c = inference_linear(self, "w13", x, f.weight).split(f.sizes, dim=-1)
+            return reduce_from_tp(inference_linear(self, "w2", swiglu(a, c), f.out), f.ctx)
         return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+# ---- inference: projections that read the same input as one GEMM ---------------------------------------
+class _Fused:
+    """A module's input projections as one (sum of outputs, in) matrix, and its output projection."""
+
+    def __init__(self, weight, params, out, ctx):
+        self.weight, self.params, self.out, self.ctx = weight, params, out, ctx
+        self.sizes = [p.shape[0] for p in params]
+        self.ptrs = [p.data_ptr() for p in params]
+
+
+def fused_weight(module: nn.Module) -> _Fused | None:
+    """The fusion `fuse_projections` made for this Attention / FeedForward, when it is still what the
+    parameters hold (a load or a replaced .data unfuses) and no gradient is being recorded."""
+    f = module.__dict__.get("_llamactl_fused")
+    if f is None or torch.is_grad_enabled():
+        return None
+    for p, ptr in zip(f.params, f.ptrs):
+        if p.data_ptr() != ptr:
+            return None
+    return f
+
+
+def inference_linear(owner: nn.Module, key: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T without autograd; for 2+ rows on CPU, through a oneDNN-packed copy of w when `owner` was
+    marked by `fuse_projections(..., pack=True)`: MKL's fp32 GEMM streams a (features x dim) weight at
+    about half the speed for a handful of rows (batched decoding), oneDNN's packed kernel does not."""
+    rows = x.numel() // x.shape[-1]
+    if rows >= 2 and owner.__dict__.get("_llamactl_pack", False):
+        packed = packed_weight(owner, key, w, rows)
+        if packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), packed, None,
+                                                   "none", [], "")
+            return y.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
+
+
+def packed_weight(owner: nn.Module, key: str, w: torch.Tensor, rows: int):
+    """oneDNN-packed copy of fp32 CPU weight w, cached on `owner` under `key` and re-packed whenever w
+    changes (its storage or version counter moves, e.g. after an optimizer step), so never stale; None
+    where oneDNN cannot (another device or dtype, a torch without these ops: then packing is switched off)."""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        stamp = (w.data_ptr(), w._version)
+    except RuntimeError:  # an inference tensor has no version counter: never re-packed
+        stamp = (w.data_ptr(), -1)
+    cache = owner.__dict__.setdefault("_llamactl_packed", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), rows)
+    except (RuntimeError, AttributeError):
+        owner.__dict__["_llamactl_pack"] = False
+        return None
+    cache[key] = (stamp, packed)
+    return packed
+
+
+@torch.no_grad()
+def fuse_projections(model: "Transformer", *, pack: bool = False) -> int:
+    """Store wq|wk|wv and w1|w3 of every layer as slices of one column-major matrix each (same values, no
+    extra memory: the parameters become views into it), so a decode step runs 4 GEMMs per layer, not 7.
+
+    A decode step at small batch is a string of matrix-vector products, each a parallel region with its
+    own start-up cost; fewer, larger ones stream the same bytes with less overhead. Forward passes use the
+    fused matrix only without autograd (training keeps the per-parameter path); returns the fused count.
+    pack: batches of 2+ rows also use oneDNN-packed copies of the four matrices (`inference_linear`;
+    one extra copy of the layer weights, made at the first such batch).
+    """
+    n = 0
+    for blk in model.layers.values():
+        for mod, names, out in ((blk.attention, ("wq", "wk", "wv"), "wo"), (blk.feed_forward, ("w1", "w3"), "w2")):
+            mod.__dict__["_llamactl_pack"] = pack
+            ws = [getattr(mod, k).weight for k in names]
+            if ws[0].device.type != "cpu" or fused_weight(mod) is not None:
+                continue
+            buf = torch.empty(ws[0].shape[1], sum(w.shape[0] for w in ws), dtype=ws[0].dtype, device=ws[0].device)
+            fused = buf.t()  # (outputs, in) column-major
+            start = 0
+            for w in ws:
+                fused[start:start + w.shape[0]].copy_(w)
+                w.data = fused[start:start + w.shape[0]]
+                start += w.shape[0]
+            o = getattr(mod, out)
+            mod.__dict__["_llamactl_fused"] = _Fused(fused, ws, o.weight, o.ctx)
+            n += 1
+    return n
 
 
 class TransformerBlock(nn.Module):
@@ -172,7 +279,8 @@ class Transformer(nn.Module):
         """x: token ids (B, T) on the first stage, hidden states (B, T, dim) on later stages.
 
         start_pos: position of x[:, 0] in the KV cache. positions (B, T): explicit RoPE positions (e.g.
-        left-padded prompts); key_mask (B, start_pos+T) bool: False marks padding keys never attended to.
+        left-padded prompts); key_mask (B, start_pos+T) bool: False marks padding keys never attended to
+        (a single decoded token, T == 1, must itself be marked True).
         Returns lm logits (B, T, V/tp) fp32, reward/value scalars (B, T) fp32, or hidden states on a
         non-last pipeline stage. last_only keeps only the last position (generation). return_hidden: on the
         last stage, return the final-normed hidden states (B, T, dim) instead of the head's output.
@@ -181,14 +289,15 @@ class Transformer(nn.Module):
         t = h.shape[1]
         cos_t, sin_t = self._rope(start_pos + t if positions is None else int(positions.max()) + 1, h.device)
         if positions is None:
-            cos, sin = cos_t[start_pos:start_pos + t], sin_t[start_pos:start_pos + t]
+            cos, sin = cos_t.narrow(0, start_pos, t), sin_t.narrow(0, start_pos, t)
         else:
             cos, sin = cos_t[positions], sin_t[positions]
         mask = None
-        if key_mask is not None or (start_pos > 0 and t > 1):
+        if key_mask is not None and t == 1:  # one decoded token sees every real cached key: a view, no ops
+            mask = key_mask[:, None, None, :start_pos + 1].bool()
+        elif key_mask is not None or (start_pos > 0 and t > 1):
             mask = _attention_mask(t, start_pos, key_mask, h.device)
-        for i in self.layer_ids:
-            blk = self.layers[str(i)]
+        for blk in self.layers.values():  # in layer order (built from layer_ids)
             if self.recompute and self.training:
                 h = recompute(blk, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
             else:

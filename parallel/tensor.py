@@ -199,7 +199,7 @@ class _CPULookup(torch.autograd.Function):
 
 
 def _lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if ids.device.type == "cpu" and weight.requires_grad and not torch.compiler.is_compiling():
+    if ids.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return _CPULookup.apply(ids, weight)
     return F.embedding(ids, weight)
 
