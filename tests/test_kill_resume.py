@@ -142,13 +142,16 @@ def references(setup, tmp_path_factory) -> dict[str, tuple[Path, list, float, fl
     return out
 
 
-def _one_launch(setup, run: Path, layout: str, rng: random.Random, start_up: float) -> tuple[bool, bool, str]:
+def _one_launch(setup, run: Path, layout: str, rng: random.Random, start_up: float,
+                kill: bool = True) -> tuple[bool, bool, str]:
     """Launch (resuming when a checkpoint exists) and kill it at a random moment: (killed, finished, log)."""
     ckpt = checkpoint.latest(run)
     done_step = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
     env, kill_at = {}, None
-    mode = rng.random()
-    if mode < 0.3 and done_step < STEPS:
+    mode = rng.random() if kill else None
+    if mode is None:
+        pass
+    elif mode < 0.3 and done_step < STEPS:
         env["LLAMACTL_FAULT_AFTER_PUBLISH"] = str(rng.randint(done_step + 1, min(done_step + 2, STEPS)))
     elif mode < 0.45:
         kill_at = ("start", rng.uniform(0.2, 1.0) * start_up)
@@ -192,7 +195,7 @@ def test_random_kills_resume_to_the_same_curve(setup, references, layout, tmp_pa
         runs += 1
         launches, log = 0, ""
         while True:
-            killed, finished, log = _one_launch(setup, run, layout, rng, start_up)
+            killed, finished, log = _one_launch(setup, run, layout, rng, start_up, kill=kills < KILLS[layout])
             kills += killed
             launches += 1
             total += 1
