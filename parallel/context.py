@@ -6,12 +6,13 @@ so the ranks of one tensor-parallel group are neighbours (one node, NVLink) and 
 the outermost split (cheap p2p across nodes).
 
 Every rank builds one context and passes it explicitly; nothing here is a module-level global.
+torch.distributed is imported where groups are made, so the CLI can name a bad layout (and parse its
+flags, print --help) without loading torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch.distributed as dist
 
 
 class LayoutError(ValueError):
@@ -71,6 +72,8 @@ class ParallelContext:
     @classmethod
     def from_world(cls, tp: int = 1, pp: int = 1) -> "ParallelContext":
         """Build the groups from an initialised torch.distributed world (dp = world / (tp*pp))."""
+        import torch.distributed as dist
+
         check_layout(tp, pp)
         if not dist.is_available() or not dist.is_initialized():
             if tp * pp != 1:
@@ -141,6 +144,8 @@ class ParallelContext:
         """
         if self.tp <= n_kv_heads:
             return None
+        import torch.distributed as dist
+
         if not dist.is_available() or not dist.is_initialized():
             return None  # a context without a world: shapes only (meta-device planning), no communication
         if n_kv_heads not in self._kv_groups:
@@ -159,6 +164,8 @@ class ParallelContext:
 
 def _make_groups(rank: int, all_groups: list[list[int]]):
     """Create every group collectively (torch requires all ranks to call new_group for each)."""
+    import torch.distributed as dist
+
     mine_ranks, mine = None, None
     for ranks in all_groups:
         g = dist.new_group(ranks) if len(ranks) > 1 else None

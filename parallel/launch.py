@@ -5,6 +5,7 @@ Under torchrun the environment carries RANK / WORLD_SIZE / LOCAL_RANK / MASTER_A
 process group uses NCCL when CUDA is available (each rank on cuda:LOCAL_RANK), gloo otherwise.
 Multi-node: the same command on every node with --nnodes / --node-rank / --master-addr / --master-port,
 which pass straight through to torchrun. dp = world / (tp * pp).
+torch is imported inside the functions that need it: the CLI reads this module before any torch work.
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 from llamactl.parallel.context import LayoutError, ParallelContext, check_layout
 
@@ -101,6 +99,7 @@ def relaunch(argv: list[str], tp: int, pp: int, lc: LaunchConfig, *, debug: bool
     one error line a rank left (printed once, not once per rank) and its exit code, instead of torchrun's
     ChildFailedError traceback; with debug=True that traceback and torchrun's log are shown as they are.
     """
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -121,7 +120,7 @@ def relaunch(argv: list[str], tp: int, pp: int, lc: LaunchConfig, *, debug: bool
             raise RanksFailed(*summarize_failures(codes, read_rank_errors(Path(reports)), root)) from None
         except SignalException as e:
             return 128 + int(e.sigval)
-        except (RendezvousError, dist.DistError) as e:
+        except (RendezvousError, DistError) as e:
             if debug:
                 raise
             where = "--master-addr/--master-port" if lc.nnodes > 1 else "--nproc"
@@ -227,6 +226,9 @@ def init_distributed(tp: int = 1, pp: int = 1, *, timeout_s: float = 1800.0) -> 
 
     Without a launcher environment it is the single-process context (then tp * pp must be 1).
     """
+    import torch
+    import torch.distributed as dist
+
     check_layout(tp, pp)
     if not under_launcher() or (int(os.environ["WORLD_SIZE"]) == 1 and tp * pp == 1):
         if tp * pp != 1:
@@ -249,8 +251,10 @@ def init_distributed(tp: int = 1, pp: int = 1, *, timeout_s: float = 1800.0) -> 
     return ctx
 
 
-def device_for(ctx: ParallelContext) -> torch.device:
+def device_for(ctx: ParallelContext) -> "torch.device":
     """The device of this rank: cuda:LOCAL_RANK under a launcher with CUDA, else cpu."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -258,6 +262,8 @@ def device_for(ctx: ParallelContext) -> torch.device:
 
 def shutdown() -> None:
     """Leave the process group cleanly at the end of a stage (no-op when single-process)."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
