@@ -4,6 +4,12 @@ The number every later stage (SFT, rejection sampling, PPO) is judged by. Two re
 greedy (one answer at temperature 0) and sampled (N answers at temperature T, their mean score).
 "overall" is the mean of the family means, so every family weighs the same whatever its prompt count.
 
+The JSON written with `--out` (what `llamactl report` reads):
+    {"families": {name: {"prompts", "safety", "greedy", "sampled"}}, "overall": {"prompts", "greedy",
+     "sampled"}, "samples", "temperature", "items": [{"family", "prompt", "gold", "greedy", "greedy_score",
+     "sampled_score"?}], "model", "suite", "split", "raw", "top_p", "max_new_tokens", "seed", "limit"}
+("sampled" is null with --samples 0.)
+
 `evaluate(items, answer)` does the scoring with any answer function (a model, or a test's fake), so
 what the command reports is exactly `tasks.score_responses` of the answers it got.
 """
