@@ -489,7 +489,7 @@ def eval_tasks_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass of the sampled answers."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens per answer."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of each family."),
-    raw: bool = typer.Option(False, "--raw", help='Prompt a base model as "Question: ... Answer:" (first line kept) instead of the chat template.'),
+    raw: bool = typer.Option(False, "--raw", help='Prompt a base model as "Question: ... Answer:" (its first sentence kept) instead of the chat template.'),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled answers."),
     batch_size: int = typer.Option(32, "--batch-size", help="Answers decoded together."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),

@@ -103,6 +103,9 @@ def test_raw_prompts_and_answer_cleaning(made, items):
     assert clean_answer(" 17\nQuestion: what", raw=True) == "17"
     assert clean_answer("17 Question: What is 2 + 2? Answer: 4", raw=True) == "17"
     assert clean_answer(" 17\nmore ", raw=False) == "17\nmore"
+    assert clean_answer("Use soap and warm water. If you add 2 and 3, you get 5.", raw=True) == "Use soap and warm water."
+    assert clean_answer("I will not help with that, it could hurt someone. The", raw=True) == \
+        "I will not help with that, it could hurt someone."
 
 
 # ---- the command on a tiny checkpoint ----------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 Prompts go in with the Llama 2 chat template (a chat model after SFT). `raw` instead feeds a base model
 the pretraining text's own question form, `Question: <prompt> Answer:`, and cuts the continuation at
-the first line break or the next "Question:" (a base model does not stop by itself).
+the first line break, the next "Question:" or the end of the first sentence (a base model does not
+stop by itself, and the pretraining text runs several worked examples together).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Mapping, Sequence
 
 from llamactl.errors import LlamactlError
@@ -24,9 +26,11 @@ def encode_items(tok, items: Sequence[Mapping], *, raw: bool, where: str = "") -
 
 
 def clean_answer(text: str, *, raw: bool) -> str:
-    """The answer a scorer sees: stripped; for raw prompts only the first line, before any next question."""
+    """The answer a scorer sees: stripped; for raw prompts only the first sentence of the first line, before
+    any next question."""
     if raw:
         text = text.split("\n", 1)[0].split("Question:", 1)[0]
+        text = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
     return text.strip()
 
 
