@@ -100,6 +100,7 @@ def test_gold_always_preferred_all_buckets_occur_and_order_does_not_matter(made)
     suite, _ = made
     items = load_items(suite / "prompts.heldout.jsonl")
     seen = set()
+    truth_gaps: dict[str, list[float]] = {r: [] for r in RATINGS}
     for it in items:
         cands = _candidates(it)
         assert annotator_score(it, it["answer"]) == 1.0
@@ -114,6 +115,7 @@ def test_gold_always_preferred_all_buckets_occur_and_order_does_not_matter(made)
             if p1:
                 p = p1[0]
                 seen.add(p["rating"])
+                truth_gaps[p["rating"]].append(p["gold_chosen"] - p["gold_rejected"])
                 assert p["score_chosen"] > p["score_rejected"]
                 assert p["rating"] == rating_for_gap(annotator_score(it, p["chosen"]) - annotator_score(it, p["rejected"]))
                 assert p["gold_chosen"] == round(score(it, p["chosen"]), 6)
@@ -122,6 +124,10 @@ def test_gold_always_preferred_all_buckets_occur_and_order_does_not_matter(made)
                 if p["gold_chosen"] != p["gold_rejected"] and abs(p["gold_chosen"] - p["gold_rejected"]) > W / (1 - W):
                     assert p["gold_chosen"] > p["gold_rejected"]
     assert seen == set(RATINGS)
+    # the rating tracks how far apart the answers are in ground truth: the mean gap falls bucket by bucket
+    means = [sum(truth_gaps[r]) / len(truth_gaps[r]) for r in RATINGS]
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    assert means[0] > 0.75 and means[-1] < 0.05, means
 
 
 def test_ties_and_unusable_answers_are_dropped_and_counted_safety_carried():
