@@ -280,6 +280,14 @@ def _any_layout(rank, world, tp, pp):
         assert all(e == everyone[0] for e in everyone), "ranks ended with different tokens"
         if kw["temperature"] == 0:  # rows were dropped mid-batch while others ran on
             assert any(s.finish_reason == "stop" for s in want) and any(s.finish_reason == "length" for s in want)
+    # the CPU decode layout (fused q|k|v and w1|w3 as views, packed copies) on each rank's slices and layers
+    from llamactl.generation import decode_layout
+
+    decode_layout(model)
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.8, seed=11)):
+        kw = dict(max_new_tokens=10, eos_id=eos, **kw)
+        _same_samples(generate(model, PROMPTS, ctx=ctx, **kw), generate(single, PROMPTS, **kw),
+                      f"decode layout tp={tp} pp={pp} {kw}")
 
 
 def test_generate_at_pp2():
