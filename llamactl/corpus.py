@@ -154,7 +154,11 @@ def write_stdlib_corpus(path: Path, max_bytes: Optional[int] = None) -> Path:
     """Write `stdlib_docstrings(max_bytes)` to `path` (UTF-8) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(stdlib_docstrings(max_bytes), encoding="utf-8")
-    os.replace(tmp, path)
+    text = stdlib_docstrings(max_bytes)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -332,16 +332,46 @@ def _prepare_into(dest: Path, files: list[Path], tok, tokenizer: Path, val_fract
 
 # ---- reading ----------------------------------------------------------------------------------------
 def read_index(data_dir: Path) -> dict:
+    """index.json of a prepared data directory, checked field by field (a damaged one is one clear line)."""
     data_dir = Path(data_dir)
     p = data_dir / INDEX
     if not p.is_file():
         raise LlamactlError(f"no {INDEX}: not a prepared data directory, run `llamactl data prepare` ({data_dir}, --data)")
     try:
-        index = json.loads(p.read_text())
-        index["splits"], index["dtype"], index["vocab_size"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        index = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlamactlError(f"corrupt {INDEX}: {e} ({p})") from None
+    problem = _index_problem(index)
+    if problem:
+        raise LlamactlError(f"corrupt {INDEX}: {problem} ({p})")
     return index
+
+
+def _index_problem(index) -> str | None:
+    """What is wrong with a parsed index.json, or None."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(index, dict):
+        return "not an object"
+    if index.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype must be uint16 or uint32, got {index.get('dtype')!r}"
+    if not count(index.get("vocab_size")) or index["vocab_size"] < 1:
+        return f"vocab_size must be a positive integer, got {index.get('vocab_size')!r}"
+    if index["dtype"] == "uint16" and index["vocab_size"] > 65536:
+        return f"vocab_size {index['vocab_size']} does not fit dtype uint16"
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        return "splits must be an object"
+    for name, info in splits.items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            return f"split {name!r} has no list of shards"
+        for sh in info["shards"]:
+            if not isinstance(sh, dict) or not isinstance(sh.get("file"), str) or not count(sh.get("tokens")):
+                return f"split {name!r} has a shard without a file name and token count"
+            if not _OWN_FILES.fullmatch(sh["file"]) or not sh["file"].endswith(".bin"):
+                return f"shard file name {sh['file']!r} is not one data prepare writes"
+    return None
 
 
 def check_tokenizer(index: dict, data_dir: Path, vocab_size: int, tokenizer_sha256: str | None = None,

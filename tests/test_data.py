@@ -289,3 +289,23 @@ def test_prepare_refuses_bad_numbers(tiny_tokenizer, tmp_path, kwargs, match):
     with pytest.raises(LlamactlError, match=match):
         prepare([tmp_path / "in.txt"], tiny_tokenizer, tmp_path / "o", show_progress=False, **{"workers": 1, **kwargs})
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda i: i.update(dtype="float32"), "dtype must be uint16 or uint32"),
+    (lambda i: i.update(vocab_size="2048"), "vocab_size must be a positive integer"),
+    (lambda i: i.update(vocab_size=70000), "does not fit dtype uint16"),
+    (lambda i: i.update(splits=[1]), "splits must be an object"),
+    (lambda i: i["splits"]["train"].update(shards={}), "has no list of shards"),
+    (lambda i: i["splits"]["train"]["shards"][0].pop("file"), "without a file name"),
+    (lambda i: i["splits"]["train"]["shards"][0].update(file="../../x.bin"), "not one data prepare writes"),
+    (lambda i: i.clear(), "dtype"),
+])
+def test_damaged_index_is_one_clear_line(prepared, tmp_path, change, match):
+    bad = tmp_path / "bad"
+    shutil.copytree(prepared, bad)
+    index = json.loads((bad / "index.json").read_text())
+    change(index)
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(LlamactlError, match=rf"corrupt index.json: .*{match}.*index.json\)"):
+        TokenData(bad, "train")

@@ -364,3 +364,18 @@ def test_training_jsonl_errors_name_file_line_field(tmp_path, line, match):
     with pytest.raises(LlamactlError, match=match):
         train_tokenizer([tmp_path / "bad.jsonl"], tmp_path / "o", 300)
     assert not (tmp_path / "o").exists()
+
+
+def test_stdlib_corpus_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from llamactl import corpus
+
+    out = tmp_path / "c.txt"
+    out.write_text("mine")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(corpus.os, "replace", fail)
+    with pytest.raises(OSError):
+        corpus.write_stdlib_corpus(out, max_bytes=2000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"] and out.read_text() == "mine"
