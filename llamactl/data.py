@@ -192,13 +192,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(out: Path) -> None:
-    """Temporary folders next to --out left by a prepare that was killed (its process is gone)."""
+def _recover(out: Path) -> None:
+    """Clean up after a prepare that was killed (its process is gone): its temporary folder is removed;
+    an old `out` it had moved aside but not yet replaced is put back."""
     if not out.parent.is_dir():
         return
-    for p in out.parent.glob(f".{out.name}.*-*"):
+    for p in sorted(out.parent.glob(f".{out.name}.*-*")):
         m = re.fullmatch(re.escape(f".{out.name}.") + r"(tmp|old)-(\d+)", p.name)
-        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
+        if not m or not p.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            os.rename(p, out)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -248,10 +253,10 @@ def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: flo
     if not tokenizer.is_file():
         raise LlamactlError(f"tokenizer not found ({tokenizer}, --tokenizer)")
     tok = Tokenizer.load(tokenizer, where="--tokenizer")
-    _check_out(Path(out))
-    files = list_inputs(inputs)
     out = Path(os.path.abspath(out))  # "." or "x/.." have no name to put a sibling next to
-    _remove_stale(out)
+    _recover(out)
+    _check_out(out)
+    files = list_inputs(inputs)
     made = _missing_ancestor(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -309,3 +310,21 @@ def test_damaged_index_is_one_clear_line(prepared, tmp_path, change, match):
     (bad / "index.json").write_text(json.dumps(index))
     with pytest.raises(LlamactlError, match=rf"corrupt index.json: .*{match}.*index.json\)"):
         TokenData(bad, "train")
+
+
+def test_prepare_recovers_from_a_killed_prepare(prepared, tiny_tokenizer, tmp_path):
+    """A kill between moving the old data aside and renaming the new one in must not lose the old data."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "data"
+    shutil.copytree(prepared, tmp_path / f".data.old-{dead.pid}")       # moved aside, never replaced
+    (tmp_path / f".data.tmp-{dead.pid}" / ".parts").mkdir(parents=True)  # the killed run's work folder
+    live = tmp_path / f".data.tmp-{os.getppid()}"                       # a live process: not ours to touch
+    live.mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(LlamactlError, match="no documents"):
+        prepare([tmp_path / "empty.txt"], tiny_tokenizer, out, workers=1, show_progress=False)
+    assert _snapshot(out) == _snapshot(prepared)  # the old data is back where it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "data", "empty.txt"])
