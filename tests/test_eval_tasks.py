@@ -103,6 +103,11 @@ def test_raw_prompts_and_answer_cleaning(made, items):
     assert clean_answer(" 17\nQuestion: what", raw=True) == "17"
     assert clean_answer("17 Question: What is 2 + 2? Answer: 4", raw=True) == "17"
     assert clean_answer(" 17\nmore ", raw=False) == "17\nmore"
+    assert clean_answer("ball hat The words bread apple copied are ball hat.", raw=True) == "ball hat"
+    assert clean_answer("5 The list apple moon has 1 word.", raw=True) == "5"
+    assert clean_answer("Sorry, I can not help with that. I", raw=True) == "Sorry, I can not help with that."
+    for it in items:  # no gold answer is cut
+        assert clean_answer(it["answer"] + " The words sun are sun.", raw=True) == it["answer"], it
     assert clean_answer("Use soap and warm water. If you add 2 and 3, you get 5.", raw=True) == "Use soap and warm water."
     assert clean_answer("I will not help with that, it could hurt someone. The", raw=True) == \
         "I will not help with that, it could hurt someone."

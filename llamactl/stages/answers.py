@@ -2,8 +2,9 @@
 
 Prompts go in with the Llama 2 chat template (a chat model after SFT). `raw` instead feeds a base model
 the pretraining text's own question form, `Question: <prompt> Answer:`, and cuts the continuation at
-the first line break, the next "Question:" or the end of the first sentence (a base model does not
-stop by itself, and the pretraining text runs several worked examples together).
+the first line break, the end of the first sentence, or a capitalised word other than "I" after the
+first word ("17 The list ...", "sun dog Question: ..."): a base model does not stop by itself, and the
+pretraining text runs several worked examples together. Every gold answer survives this cut.
 """
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ def encode_items(tok, items: Sequence[Mapping], *, raw: bool, where: str = "") -
 
 
 def clean_answer(text: str, *, raw: bool) -> str:
-    """The answer a scorer sees: stripped; for raw prompts only the first sentence of the first line, before
-    any next question."""
+    """The answer a scorer sees: stripped; for raw prompts cut where the next worked example begins."""
     if raw:
-        text = text.split("\n", 1)[0].split("Question:", 1)[0]
-        text = re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
+        text = re.split(r"(?<=[.!?])\s", text.split("\n", 1)[0].strip(), maxsplit=1)[0]
+        words = text.split(" ")
+        # a capitalised word (other than "I") after the first starts the next worked example: "17 The list ..."
+        cut = next((i for i, w in enumerate(words) if i and w[:1].isupper() and not re.match(r"I\b", w)), len(words))
+        text = " ".join(words[:cut])
     return text.strip()
 
 
