@@ -88,6 +88,8 @@ def validate_world(tp: int, pp: int, lc: LaunchConfig) -> int:
     dp = check_layout(tp, pp, nproc=lc.nproc, nnodes=lc.nnodes)
     if not 0 <= lc.node_rank < lc.nnodes:
         raise LayoutError(f"--node-rank {lc.node_rank} must be in 0..{lc.nnodes - 1} (--node-rank, --nnodes {lc.nnodes})")
+    if lc.master_port is not None and not 1 <= lc.master_port <= 65535:
+        raise LayoutError(f"--master-port {lc.master_port} is not a TCP port: it must be in 1..65535 (--master-port)")
     return dp
 
 

@@ -56,6 +56,8 @@ def test_every_entry_point_uses_the_check():
     assert validate_world(2, 1, LaunchConfig(nproc=2, nnodes=2, node_rank=1)) == 2
     with pytest.raises(LayoutError, match="--node-rank 2 must be in 0..1"):
         validate_world(1, 1, LaunchConfig(nproc=2, nnodes=2, node_rank=2))
+    with pytest.raises(LayoutError, match=r"--master-port 70000 is not a TCP port.*\(--master-port\)"):
+        validate_world(1, 1, LaunchConfig(nproc=2, nnodes=2, master_addr="10.0.0.1", master_port=70000))
 
 
 # ---- one line for failed ranks ------------------------------------------------------------------------
