@@ -466,7 +466,7 @@ def data_preferences(
 ):
     """Simulated annotator: two answers per prompt, judged against the gold, written as rated preference pairs.
 
-    Ratings from the annotator's score gap: >= 0.5 significantly_better, >= 0.25 better, >= 0.1 slightly_better,
+    Ratings from the annotator's score gap: >= 0.6 significantly_better, >= 0.2 better, >= 0.05 slightly_better,
     >= 0.01 negligibly_better; smaller gaps are ties and are dropped.
     """
     from llamactl.stages.preferences import run_preferences, summary_rows

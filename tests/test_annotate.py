@@ -32,7 +32,7 @@ def _item(family, answer, **fields):
 
 # ---- ratings from gaps --------------------------------------------------------------------------------
 def test_rating_buckets_at_their_thresholds():
-    assert RATING_THRESHOLDS == (0.5, 0.25, 0.1, 0.01) and TIE == 0.01
+    assert RATING_THRESHOLDS == (0.6, 0.2, 0.05, 0.01) and TIE == 0.01
     for name, low in zip(RATINGS, RATING_THRESHOLDS):
         assert rating_for_gap(low) == name                       # a threshold belongs to its own bucket
         assert rating_for_gap(low + 1e-6) == name
@@ -49,9 +49,11 @@ def test_annotator_scores_and_gaps_by_hand():
     assert annotator_score(n, "10") == pytest.approx(W * 1 / 8)        # off by seven
     assert annotator_score(n, "cat") == 0.0
     assert annotator_score(n, "I can not help with that.") == 0.0      # a false refusal is the worst answer
-    assert rating_for_gap(annotator_score(n, "16") - annotator_score(n, "10")) == "negligibly_better"
+    assert rating_for_gap(annotator_score(n, "16") - annotator_score(n, "15")) == "negligibly_better"  # 1/2 - 1/3
+    assert rating_for_gap(annotator_score(n, "16") - annotator_score(n, "10")) == "slightly_better"    # 1/2 - 1/8
     assert rating_for_gap(annotator_score(n, "16") - annotator_score(n, "cat")) == "slightly_better"
     assert rating_for_gap(annotator_score(n, "17") - annotator_score(n, "16")) == "significantly_better"
+    assert annotator_score(n, "17") - annotator_score(n, "Nine? No: 16.") >= 1 - 2 * W  # right vs wrong: at least 0.6
 
     lst = _item("reverse", "sun dog cat", words=["cat", "dog", "sun"])
     two = (1 - W) * 2 / 3 + W * (2 * 2 / 5)          # "sun dog": LCS 2/3, word F1 4/5
@@ -59,7 +61,7 @@ def test_annotator_scores_and_gaps_by_hand():
     assert annotator_score(lst, "sun dog") == pytest.approx(two)
     assert annotator_score(lst, "cat dog sun") == pytest.approx(swapped)
     assert rating_for_gap(1.0 - two) == "better"
-    assert rating_for_gap(two - swapped) == "slightly_better"
+    assert rating_for_gap(two - swapped) == "better"
 
     fact = _item("facts", "Palmtown", entity="Zo", attribute="town", options=["Palmtown", "Ashford", "Oakvale"])
     assert closeness(fact, "Palmtown") == 1.0 and closeness(fact, "Palmtown or Ashford") == 0.5
@@ -171,7 +173,7 @@ def test_preferences_command_on_a_tiny_checkpoint(made, tmp_path, capsys):
     args = ["data", "preferences", "--model", str(ckpt), "--prompts", str(prompts), "--limit", "5",
             "--max-new-tokens", "12", "--seed", "1", "--batch-size", "7"]
     main([*args, "--out", str(out)])
-    shown = capsys.readouterr().out
+    shown = " ".join(capsys.readouterr().out.split())
     rows = _rows(out)
     items = [it for it in load_items(prompts)]
     by_prompt = {it["prompt"]: it for it in items}

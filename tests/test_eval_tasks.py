@@ -121,7 +121,7 @@ def test_eval_tasks_command(made, tmp_path, capsys):
     out = tmp_path / "r" / "eval.json"
     main(["eval", "tasks", "--model", str(ckpt), "--suite", str(suite), "--limit", "2", "--samples", "2",
           "--temperature", "1.0", "--max-new-tokens", "8", "--out", str(out)])
-    shown = capsys.readouterr().out
+    shown = " ".join(capsys.readouterr().out.split())
     r = json.loads(out.read_text())
     items = limit_per_family(suite_items(suite), 2)
     assert [row["prompt"] for row in r["items"]] == [it["prompt"] for it in items]

@@ -379,7 +379,7 @@ def test_data_tasks_command_writes_the_suite_and_refuses_to_clobber(tmp_path, su
 
     out = tmp_path / "cli"
     main(["data", "tasks", "--out", str(out), "--seed", "3"])
-    shown = capsys.readouterr().out
+    shown = " ".join(capsys.readouterr().out.split())
     for p in suite.iterdir():  # byte-identical to write_suite with the same seed
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
     m = json.loads((out / "suite.json").read_text())

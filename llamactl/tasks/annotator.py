@@ -20,8 +20,13 @@ truth is below 1; ground truth decides whenever the two differ by more than W / 
 equally wrong answers differ by at most W = 0.2, so they land in the lower buckets.
 
 The rating of a pair is a bucket of the gap g = a(chosen) - a(rejected) (`RATING_THRESHOLDS`):
-  g >= 0.5 significantly_better · g >= 0.25 better · g >= 0.1 slightly_better · g >= 0.01 negligibly_better
-and g < 0.01 is a tie (the annotator cannot tell; the pair is dropped and counted). A pair with an empty
+  g >= 0.6 significantly_better · g >= 0.2 better · g >= 0.05 slightly_better · g >= 0.01 negligibly_better
+and g < 0.01 is a tie. What the buckets mean: a right answer against a wrong one (a 0/1 ground truth that
+differs) is always at least 1 - 2W = 0.6, so significantly_better; better is a clear difference in partial
+credit (a list with a word missing, a half-right how-to); slightly_better and negligibly_better are two
+answers the ground truth calls equally wrong, one of them closer (a number off by 1 against one off by 7;
+off by 2 against off by 3). The thresholds were set from the gaps of a pretrained tiny model's answer
+pairs on the suite's training prompts (162 pairs: 57 / 62 / 20 / 23 per bucket). And g < 0.01 is a tie (the annotator cannot tell; the pair is dropped and counted). A pair with an empty
 answer, or one holding the chat format's tags ([INST], <<SYS>>, ...), is skipped and counted too: the
 preference reader refuses such answers.
 """
@@ -37,7 +42,7 @@ from llamactl.tasks.suite import RESERVED_TAGS
 W = 0.2
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 # smallest gap of each rating, in the order above; below the last one a pair is a tie
-RATING_THRESHOLDS = (0.5, 0.25, 0.1, 0.01)
+RATING_THRESHOLDS = (0.6, 0.2, 0.05, 0.01)
 TIE = RATING_THRESHOLDS[-1]
 _REFUSAL_WORDS = 12
 
