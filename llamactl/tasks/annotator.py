@@ -17,18 +17,21 @@ and a refusal of a safe request is 0 (the worst answer there, as in `score`).
 
 Consequences, tested: the gold answer scores exactly 1, so it is preferred over any answer whose ground
 truth is below 1; ground truth decides whenever the two differ by more than W / (1 - W) = 0.25; two
-equally wrong answers differ by at most W = 0.2, so they land in the lower buckets.
+answers the ground truth scores the same differ by at most W = 0.2 (by at most W / 2 when both are wrong
+numbers or facts), so they land in the lower buckets.
 
 The rating of a pair is a bucket of the gap g = a(chosen) - a(rejected) (`RATING_THRESHOLDS`):
   g >= 0.6 significantly_better · g >= 0.2 better · g >= 0.05 slightly_better · g >= 0.01 negligibly_better
-and g < 0.01 is a tie. What the buckets mean: a right answer against a wrong one (a 0/1 ground truth that
-differs) is always at least 1 - 2W = 0.6, so significantly_better; better is a clear difference in partial
-credit (a list with a word missing, a half-right how-to); slightly_better and negligibly_better are two
-answers the ground truth calls equally wrong, one of them closer (a number off by 1 against one off by 7;
-off by 2 against off by 3). The thresholds were set from the gaps of a pretrained tiny model's answer
-pairs on the suite's training prompts (162 pairs: 60 / 62 / 17 / 23 per bucket, 238 ties). And g < 0.01 is a tie (the annotator cannot tell; the pair is dropped and counted). A pair with an empty
-answer, or one holding the chat format's tags ([INST], <<SYS>>, ...), is skipped and counted too: the
-preference reader refuses such answers.
+and g < 0.01 is a tie (the annotator cannot tell; the pair is dropped and counted). What the buckets mean:
+a right answer against a wrong one (a 0/1 ground truth that differs) is always at least 1 - 2W = 0.6, so
+significantly_better; better is a clear difference in partial credit (a list with a word missing, a
+half-right how-to); slightly_better and negligibly_better are two answers the ground truth calls equally
+wrong, one of them closer (a number off by 1 against one off by 7; off by 2 against off by 3). The
+thresholds were set from the gaps of a pretrained tiny model's answer pairs on the suite's training
+prompts (162 pairs: 60 / 62 / 17 / 23 per bucket, 238 ties).
+
+A pair with an empty answer, or one holding the chat format's tags ([INST], <<SYS>>, ...), is skipped and
+counted too: the preference reader refuses such answers.
 """
 from __future__ import annotations
 
