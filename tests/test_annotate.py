@@ -187,6 +187,13 @@ def test_preferences_command_on_a_tiny_checkpoint(made, tmp_path, capsys):
         assert r["score_chosen"] == round(annotator_score(it, r["chosen"]), 6)
         assert r["rating"] == rating_for_gap(annotator_score(it, r["chosen"]) - annotator_score(it, r["rejected"]))
     assert f"{len(rows)} pairs from {5 * len(FAMILIES)} prompts" in shown and "total" in shown
+    # the file is what the reward-model stage reads: llamactl.chat_data's preference reader takes every line
+    from llamactl.chat_data import read_preferences
+
+    read = list(read_preferences(out))
+    assert [(p.chosen, p.rejected, p.rating, p.safety) for p in read] == \
+        [(r["chosen"], r["rejected"], r["rating"], r["safety"]) for r in rows]
+    assert all(p.prompt == [{"role": "user", "content": r["prompt"]}] for p, r in zip(read, rows))
     # the same seed writes the same file whatever the batch size; another seed differs
     again = tmp_path / "again.jsonl"
     main([*args[:-2], "--batch-size", "40", "--out", str(again)])
