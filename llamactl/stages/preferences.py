@@ -86,7 +86,9 @@ def summary_rows(summary: dict) -> tuple[list[str], list[list]]:
     """Columns and rows of the command's table: per family, pairs per rating, ties, mean gap; then a total."""
     from llamactl.tasks.annotator import RATINGS
 
-    cols = ["family", "pairs", *[r.split("_")[0] for r in RATINGS], "ties", "skipped", "mean gap"]
+    short = {"significantly_better": "signif.", "better": "better", "slightly_better": "slightly",
+             "negligibly_better": "neglig."}
+    cols = ["family", "pairs", *[short[r] for r in RATINGS], "ties", "skipped", "mean gap"]
     rows = [[f, r["pairs"], *[r[k] for k in RATINGS], r["ties"], r["skipped"], f"{r['mean_gap']:.3f}"]
             for f, r in summary["families"].items()]
     rows.append(["total", summary["pairs"], *[summary["ratings"][k] for k in RATINGS], summary["ties"],
