@@ -275,12 +275,14 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids (B, T) on the first stage, hidden states (B, T, dim) on later stages.
 
         start_pos: position of x[:, 0] in the KV cache. positions (B, T): explicit RoPE positions (e.g.
         left-padded prompts); key_mask (B, start_pos+T) bool: False marks padding keys never attended to
-        (a single decoded token, T == 1, must itself be marked True).
+        (a single decoded token, T == 1, must itself be marked True). attn_mask (B, 1, T, start_pos+T)
+        bool, True where a query may see a key, replaces both (packed SFT samples kept apart).
         Returns lm logits (B, T, V/tp) fp32, reward/value scalars (B, T) fp32, or hidden states on a
         non-last pipeline stage. last_only keeps only the last position (generation). return_hidden: on the
         last stage, return the final-normed hidden states (B, T, dim) instead of the head's output.
@@ -292,10 +294,10 @@ class Transformer(nn.Module):
             cos, sin = cos_t.narrow(0, start_pos, t), sin_t.narrow(0, start_pos, t)
         else:
             cos, sin = cos_t[positions], sin_t[positions]
-        mask = None
-        if key_mask is not None and t == 1:  # one decoded token sees every real cached key: a view, no ops
+        mask = attn_mask
+        if mask is None and key_mask is not None and t == 1:  # one decoded token sees every real cached key
             mask = key_mask[:, None, None, :start_pos + 1].bool()
-        elif key_mask is not None or (start_pos > 0 and t > 1):
+        elif mask is None and (key_mask is not None or (start_pos > 0 and t > 1)):
             mask = _attention_mask(t, start_pos, key_mask, h.device)
         for blk in self.layers.values():  # in layer order (built from layer_ids)
             if self.recompute and self.training:
