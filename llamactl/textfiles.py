@@ -49,34 +49,38 @@ def list_input_files(inputs: Sequence[Path], suffixes: Sequence[str] = WALK_SUFF
 
 def iter_lines(path: Path, flag: str = "--input",
                on_bytes: Optional[Callable[[int], None]] = None) -> Iterator[tuple[int, str]]:
-    """(line number, line with its newline) of a UTF-8 text file, streamed; binary files are refused."""
+    """(line number, line with its newline) of a UTF-8 text file, streamed; binary files are refused.
+
+    Newlines are universal (\r\n and \r read as \n); `on_bytes` gets each line's UTF-8 size (progress).
+    """
     path = Path(path)
+    lineno = 0
     try:
-        f = open(path, "rb")
+        with open(path, encoding="utf-8-sig", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if "\x00" in line:
+                    raise LlamactlError(f"binary file, not text: NUL byte at line {lineno} ({path}:{lineno}, {flag})")
+                if on_bytes is not None:
+                    on_bytes(len(line.encode("utf-8")))
+                yield lineno, line
+    except UnicodeDecodeError:
+        raise _decode_error(path, flag) from None
     except OSError as e:
         raise LlamactlError(f"cannot read {path}: {e.strerror or e} ({flag})") from None
-    with f:
-        lineno = 0
-        while True:
-            try:
-                raw = f.readline()
-            except OSError as e:
-                raise LlamactlError(f"cannot read {path}: {e.strerror or e} ({path}:{lineno + 1}, {flag})") from None
-            if not raw:
-                return
-            lineno += 1
-            if on_bytes is not None:
-                on_bytes(len(raw))
+
+
+def _decode_error(path: Path, flag: str) -> LlamactlError:
+    """Where the first bytes that are not UTF-8 are (found again line by line, only once it failed)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if b"\x00" in raw:
-                raise LlamactlError(f"binary file, not text: NUL byte at line {lineno} ({path}:{lineno}, {flag})")
+                return LlamactlError(f"binary file, not text: NUL byte at line {lineno} ({path}:{lineno}, {flag})")
             try:
-                line = raw.decode("utf-8")
+                raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise LlamactlError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at line {lineno} "
-                                    f"({path}:{lineno}, {flag})") from None
-            if lineno == 1 and line.startswith("\ufeff"):
-                line = line[1:]
-            yield lineno, line
+                return LlamactlError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at line {lineno} "
+                                     f"({path}:{lineno}, {flag})")
+    return LlamactlError(f"not UTF-8 text ({path}, {flag})")
 
 
 def iter_jsonl(path: Path, flag: str = "--input",

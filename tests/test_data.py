@@ -208,9 +208,10 @@ def test_binary_and_non_utf8_refused_by_both_commands(tiny_tokenizer, tmp_path, 
     assert not (tmp_path / "o").exists() and not (tmp_path / "t" / "tokenizer.model").exists()
 
 
-def test_utf8_bom_is_not_text(tiny_tokenizer, tmp_path):
-    (tmp_path / "bom.txt").write_bytes("\ufeffFirst words.\n\nSecond.\n".encode("utf-8"))
-    (tmp_path / "plain.txt").write_bytes("First words.\n\nSecond.\n".encode("utf-8"))
+def test_utf8_bom_and_crlf_are_not_text(tiny_tokenizer, tmp_path):
+    """A byte-order mark and Windows line ends read as the same documents as plain UTF-8 with \\n."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffFirst words,\r\nsame document.\r\n\r\nSecond.\r\n".encode("utf-8"))
+    (tmp_path / "plain.txt").write_bytes("First words,\nsame document.\n\nSecond.\n".encode("utf-8"))
     a = prepare([tmp_path / "bom.txt"], tiny_tokenizer, tmp_path / "a", val_fraction=0.0, workers=1, show_progress=False)
     b = prepare([tmp_path / "plain.txt"], tiny_tokenizer, tmp_path / "b", val_fraction=0.0, workers=1, show_progress=False)
     assert a["splits"] == b["splits"]
