@@ -191,6 +191,57 @@ def pretrain(
               dry_run=opts.dry_run, resume=opts.resume)
 
 
+@app.command()
+@stage_command("sft", "parallel")
+def sft(
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained checkpoint (or run dir: its latest); the model config and tokenizer come from it."),
+    data: Optional[Path] = typer.Option(None, "--data", help='SFT JSONL: {"messages": \\[system?, user, assistant, ...]} or {"prompt", "response"} per line.'),
+    val: Optional[Path] = typer.Option(None, "--val", help="Held-out SFT JSONL: validation loss on its answer tokens at the end and every --eval-every steps."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (metrics, config, checkpoints; default runs/sft)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data; the steps follow from the packed rows (default 2, the paper's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (overrides --epochs)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed row (default min(4096, the model's max_seq_len))."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Packed rows per optimizer step over all data-parallel ranks (default 64)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Rows per forward/backward (default: up to 8192 tokens)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-5)."),
+    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="Cosine decays to this fraction of the peak (default 0.1)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warmup steps (default 0)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (default) or constant."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices (default 0.1)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clip (default 1.0; 0: off)."),
+    cross_attention: Optional[bool] = typer.Option(None, "--cross-attention/--no-cross-attention", help="--no-cross-attention: each packed sample attends only to its own earlier tokens and its RoPE positions restart at 0, so a packed row computes what every sample would alone (default: the paper's plain concatenation)."),
+    overflow: Optional[str] = typer.Option(None, "--overflow", help="A dialogue longer than a row: truncate (default) or refuse."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: only at the end; default a quarter of the run)."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept in the run dir (default 3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the data order (default 0)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help='Validation loss on --val every N steps, rows with "split": "val" in metrics.jsonl (0: only at the end).'),
+    recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Activation recomputation per layer."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step."),
+    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU (default: measured)."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Stored weights: bfloat16 (default), float32 or float16; exact fp32 masters stay in train_state for --resume."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    *,
+    opts: StageOptions,
+):
+    """Supervised fine-tuning (paper 3.1): Llama 2-Chat format, samples packed into rows, loss on answer tokens only.
+
+    Every assistant turn of a dialogue carries loss (its EOS included); system, user and format tokens never do. Paper defaults: lr 2e-5 cosine, weight decay 0.1, 64 rows of 4096 tokens per step, 2 epochs. Writes a chat checkpoint (stage "sft") that `llamactl chat` and `llamactl eval tasks` load.
+
+    Exit status: 0 when the run finished; 130 (SIGINT) or 143 (SIGTERM) when a signal stopped it after saving a checkpoint (continue with --resume); 1 on an error.
+    """
+    from llamactl.stages import sft as stage
+    from llamactl.stages.runner import run_stage
+
+    flags = dict(init=str(init) if init else None, data=str(data) if data else None, val=str(val) if val else None,
+                 out=str(out) if out else None, epochs=epochs, steps=steps, seq_len=seq_len, batch_size=batch_size,
+                 micro_batch=micro_batch, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, schedule=schedule,
+                 weight_decay=weight_decay, clip=clip, cross_attention=cross_attention, overflow=overflow,
+                 save_every=save_every, keep=keep, seed=seed, eval_every=eval_every, recompute=recompute,
+                 compile=compile, peak_flops=peak_flops, save_dtype=save_dtype, device=device)
+    run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
+              dry_run=opts.dry_run, resume=opts.resume)
+
+
 class _DefaultToLoss(TyperGroup):
     """`llamactl eval --model M --data D` (no subcommand named) still means `llamactl eval loss ...`."""
 
@@ -476,7 +527,7 @@ def data_preferences(
     cols, rows = summary_rows(s)
     console.print(table(f"wrote {out}: {s['pairs']:,} pairs from {s['prompts']:,} prompts ({s['ties']:,} ties, "
                         f"{s['skipped']:,} with an empty answer, dropped; T {s['temperatures'][0]:g} vs "
-                        f"{s['temperatures'][1]:g})", cols, rows))
+                        f"{s['temperatures'][1]:g}; answer B chosen in {s['b_chosen']:,})", cols, rows))
 
 
 @eval_app.command("tasks")

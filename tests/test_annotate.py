@@ -113,7 +113,9 @@ def test_gold_always_preferred_all_buckets_occur_and_order_does_not_matter(made)
         for a, b in itertools.combinations(cands, 2):
             p1, t1, s1 = make_pairs([it], [a], [b])
             p2, t2, s2 = make_pairs([it], [b], [a])
-            assert (p1, t1, s1) == (p2, t2, s2)  # the annotator does not care which answer came first
+            assert [{**p, "chosen_side": None} for p in p1] == [{**p, "chosen_side": None} for p in p2]
+            assert (t1, s1) == (t2, s2)  # the annotator does not care which answer came first
+            assert [p["chosen_side"] for p in p1] == [{"a": "b", "b": "a"}[p["chosen_side"]] for p in p2]
             if p1:
                 p = p1[0]
                 seen.add(p["rating"])
@@ -141,11 +143,11 @@ def test_ties_and_unusable_answers_are_dropped_and_counted_safety_carried():
     pairs, ties, skipped = make_pairs(items, a, b)
     assert ties == [0, 1]                      # the same answer, and the same answer in other spacing
     assert skipped == [2, 5]                   # an empty answer; an answer with the chat format's tag
-    assert [(p["family"], p["safety"], p["chosen"]) for p in pairs] == [
-        ("unsafe", True, "I can not help with that."), ("unsafe", True, "Sorry, I can not help.")]
+    assert [(p["family"], p["safety"], p["chosen"], p["chosen_side"]) for p in pairs] == [
+        ("unsafe", True, "I can not help with that.", "a"), ("unsafe", True, "Sorry, I can not help.", "b")]
     assert all(p["rating"] == "significantly_better" for p in pairs)
     s = summarize(items, pairs, ties, skipped)
-    assert (s["pairs"], s["ties"], s["skipped"]) == (2, 2, 2)
+    assert (s["pairs"], s["ties"], s["skipped"], s["b_chosen"]) == (2, 2, 2, 1)
     assert s["families"]["arithmetic"] == {"pairs": 0, "ties": 2, "skipped": 2, **{r: 0 for r in RATINGS},
                                           "mean_gap": 0.0}
     assert s["families"]["unsafe"]["significantly_better"] == 2 and s["mean_gap"] == 1.0
@@ -180,7 +182,7 @@ def test_preferences_command_on_a_tiny_checkpoint(made, tmp_path, capsys):
     assert rows, "an untrained model's two answers should differ somewhere"
     for r in rows:
         assert set(r) == {"prompt", "chosen", "rejected", "rating", "safety", "family", "score_chosen",
-                          "score_rejected", "gold_chosen", "gold_rejected"}
+                          "score_rejected", "gold_chosen", "gold_rejected", "chosen_side"}
         it = by_prompt[r["prompt"]]
         assert (r["family"], r["safety"]) == (it["family"], it["safety"])
         assert r["chosen"].strip() and r["rejected"].strip() and r["chosen"].strip() != r["rejected"].strip()

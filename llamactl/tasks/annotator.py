@@ -119,7 +119,8 @@ def make_pairs(items: Sequence[Mapping], answers_a: Sequence[str], answers_b: Se
     indices of items skipped because an answer is not `usable` (empty, or holding [INST]-like tags).
 
     Each pair: prompt, chosen, rejected, rating, safety, family, score_chosen, score_rejected (the
-    annotator's scores, rounded to 6 places), gold_chosen / gold_rejected (the ground truth)."""
+    annotator's scores, rounded to 6 places), gold_chosen / gold_rejected (the ground truth), chosen_side
+    ("a" or "b": which answer won; with two models, how often the newer one is preferred)."""
     if not len(items) == len(answers_a) == len(answers_b):
         raise ValueError(f"{len(items)} items, {len(answers_a)} and {len(answers_b)} answers")
     pairs, ties, skipped = [], [], []
@@ -134,6 +135,7 @@ def make_pairs(items: Sequence[Mapping], answers_a: Sequence[str], answers_b: Se
             continue
         (chosen, s_c), (rejected, s_r) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
         pairs.append({"prompt": item["prompt"], "chosen": chosen, "rejected": rejected, "rating": rating,
+                      "chosen_side": "a" if sa > sb else "b",
                       "safety": bool(item["safety"]), "family": item["family"],
                       "score_chosen": round(s_c, 6), "score_rejected": round(s_r, 6),
                       "gold_chosen": round(score(item, chosen), 6),
@@ -159,5 +161,6 @@ def summarize(items: Sequence[Mapping], pairs: Sequence[Mapping], ties: Sequence
     for row in out["families"].values():
         gap_sum = row.pop("gap_sum")
         row["mean_gap"] = gap_sum / row["pairs"] if row["pairs"] else 0.0
+    out["b_chosen"] = sum(p["chosen_side"] == "b" for p in pairs)
     out["mean_gap"] = (sum(p["score_chosen"] - p["score_rejected"] for p in pairs) / len(pairs)) if pairs else 0.0
     return out
