@@ -3,6 +3,7 @@
 `encode_sft` builds on the chat encoder (`tokenizer.dialog_turns`): each finished user/assistant pair is
 BOS "[INST] user [/INST]" (mask 0) + " answer " EOS (mask 1), so the loss falls exactly on the answer
 tokens of every assistant turn, EOS included, and never on a system, user or format token.
+`encode_pair` gives a preference pair's two sequences (prompt + each answer) the same way.
 
 `pack` concatenates encoded samples, in the order given, into rows of `seq_len + 1` tokens (one window:
 inputs [:-1], targets [1:], as in pretraining), carrying the mask along, with a per-token document id
@@ -41,6 +42,13 @@ def encode_sft(tok: Tokenizer, messages: Sequence[dict], *, last_turn_only: bool
         tokens += prompt + answer
         mask += [0] * len(prompt) + [on] * len(answer)
     return tokens, mask
+
+
+def encode_pair(tok: Tokenizer, prompt: Sequence[dict], chosen: str, rejected: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + chosen and prompt + rejected in the chat format, each ending with the answer's
+    EOS: the sequences a reward model scores (at their last token). Same tokens as `encode_sft`."""
+    return tuple(encode_sft(tok, list(prompt) + [{"role": "assistant", "content": a}])[0]  # type: ignore[return-value]
+                 for a in (chosen, rejected))
 
 
 @dataclass

@@ -307,3 +307,15 @@ def test_sft_batches_epochs_resume_and_dp():
     with pytest.raises(LlamactlError, match=r"sample 23 \(x:23\) has 40 tokens"):
         SFTBatches(samples + [_sample(40, 0, 1)], 15, pad_id=0, micro_batch=1, overflow="refuse",
                    names=[f"x:{i}" for i in range(24)])
+
+
+def test_encode_pair_is_prompt_plus_each_answer(tok):
+    from llamactl.sft_data import encode_pair
+
+    pair = PreferencePair(DIALOG[:5] + [U("Thanks")], "You are welcome.", "Whatever.")
+    c, r = encode_pair(tok, pair.prompt, pair.chosen, pair.rejected)
+    assert c == encode_sft(tok, pair.dialog("chosen"))[0] and r == encode_sft(tok, pair.dialog("rejected"))[0]
+    head = tok.encode("[INST] Thanks [/INST]", bos=True)
+    k = len(c) - len(tok.encode("[INST] Thanks [/INST] You are welcome. ", bos=True, eos=True))
+    assert c[:k] == r[:k] and c[k:k + len(head)] == head  # the same prompt, then each answer
+    assert c[-1] == r[-1] == tok.eos_id and tok.decode(c[k + len(head):]) == "You are welcome. "
