@@ -80,6 +80,12 @@ def positions(doc_ids: np.ndarray) -> np.ndarray:
     return idx - first
 
 
+def _too_long(i: int, n: int, seq_len: int, name: Optional[str]) -> LlamactlError:
+    where = f" ({name})" if name else ""
+    return LlamactlError(f"sample {i}{where} has {n} tokens, more than a row of --seq-len {seq_len} + 1; "
+                         f"raise --seq-len or let long samples be truncated")
+
+
 def iter_packed(samples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int, *, pad_id: int,
                 overflow: str = "truncate", names: Optional[Sequence[str]] = None,
                 first_id: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -110,9 +116,7 @@ def iter_packed(samples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len:
             continue
         if len(ids) > width:
             if overflow == "refuse":
-                where = f" ({names[i]})" if names is not None else ""
-                raise LlamactlError(f"sample {first_id + i}{where} has {len(ids)} tokens, more than a row of "
-                                    f"--seq-len {seq_len} + 1; raise --seq-len or let long samples be truncated")
+                raise _too_long(first_id + i, len(ids), seq_len, names[i] if names is not None else None)
             ids, m = ids[:width], m[:width]
         if used + len(ids) > width:
             yield flush()
@@ -151,7 +155,12 @@ class SFTBatches:
             raise LlamactlError("no SFT samples to train on (--data)")
         self.samples, self.seq_len, self.pad_id, self.overflow = samples, seq_len, pad_id, overflow
         self.micro_batch, self.accum, self.dp, self.dp_rank, self.seed = micro_batch, accum, dp, dp_rank, seed
-        pack(samples, seq_len, pad_id=pad_id, overflow=overflow, names=names)  # refuse long samples up front
+        if overflow not in OVERFLOW:
+            raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+        if overflow == "refuse":  # up front, not at the epoch that would reach them
+            for i, (ids, _) in enumerate(samples):
+                if len(ids) > seq_len + 1:
+                    raise _too_long(i, len(ids), seq_len, names[i] if names is not None else None)
         self.epoch, self.position = 0, 0
         self._rows: Optional[PackedRows] = None
 
