@@ -316,6 +316,9 @@ def _prepare_into(dest: Path, files: list[Path], tok, tokenizer: Path, val_fract
             w.close()
         shutil.rmtree(parts, ignore_errors=True)
     if totals["train"][1] == 0:
+        if totals["val"][1]:
+            raise LlamactlError(f"no training documents: all {totals['val'][1]} document(s) of the input went to the "
+                                f"validation split; lower --val-fraction or give more documents (--val-fraction)")
         raise LlamactlError(f"no documents found in {len(files)} input file(s) (--input)")
     shutil.copyfile(tokenizer, dest / "tokenizer.model")
     index = {

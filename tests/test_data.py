@@ -329,3 +329,12 @@ def test_prepare_recovers_from_a_killed_prepare(prepared, tiny_tokenizer, tmp_pa
         prepare([tmp_path / "empty.txt"], tiny_tokenizer, out, workers=1, show_progress=False)
     assert _snapshot(out) == _snapshot(prepared)  # the old data is back where it was
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "data", "empty.txt"])
+
+
+def test_all_documents_in_validation_is_named(tiny_tokenizer, tmp_path):
+    text = next(t for t in (f"document {i}" for i in range(100)) if is_validation(t, 0.5))
+    (tmp_path / "one.txt").write_text(text + "\n")
+    with pytest.raises(LlamactlError, match=r"no training documents: all 1 document\(s\).*--val-fraction\)"):
+        prepare([tmp_path / "one.txt"], tiny_tokenizer, tmp_path / "o", val_fraction=0.5, workers=1,
+                show_progress=False)
+    assert not (tmp_path / "o").exists()
