@@ -258,14 +258,14 @@ def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: flo
     _check_out(out)
     files = list_inputs(inputs)
     made = _missing_ancestor(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         index = _prepare_into(tmp, files, tok, tokenizer, val_fraction, workers, shard_tokens, show_progress)
         _swap_in(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if made is not None:  # folders this call created for --out, now empty again
             for p in [out.parent, *out.parent.parents]:
@@ -275,6 +275,8 @@ def prepare(inputs: list[Path], tokenizer: Path, out: Path, *, val_fraction: flo
                     break
                 if p == made:
                     break
+        if isinstance(e, OSError):  # inputs are read through textfiles, so this is the output side
+            raise LlamactlError(f"cannot write {out}: {e.strerror or e} (--out)") from None
         raise
     return index
 

@@ -121,6 +121,9 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise LlamactlError(f"{out_dir} is a file, not a directory (--out)")
+    parent = next(p for p in [*out_dir.parents, Path(".")] if p.exists())  # checked now, not after training
+    if not parent.is_dir():
+        raise LlamactlError(f"cannot create {out_dir}: {parent} is a file (--out)")
     for marker, what in (("llamactl.json", "a checkpoint"), ("index.json", "a prepared data directory")):
         if (out_dir / marker).is_file():
             raise LlamactlError(f"{out_dir} is {what} ({marker}); its tokenizer must stay the one it was made with: "

@@ -338,3 +338,19 @@ def test_all_documents_in_validation_is_named(tiny_tokenizer, tmp_path):
         prepare([tmp_path / "one.txt"], tiny_tokenizer, tmp_path / "o", val_fraction=0.5, workers=1,
                 show_progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_prepare_out_under_a_file_is_one_line(tiny_tokenizer, tmp_path):
+    (tmp_path / "in.txt").write_text("Some words.\n")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LlamactlError, match=r"cannot write .*f/data.*\(--out\)"):
+        prepare([tmp_path / "in.txt"], tiny_tokenizer, tmp_path / "f" / "data", workers=1, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "in.txt"]
+
+
+def test_prepare_failure_removes_the_folders_it_created(tiny_tokenizer, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(LlamactlError, match="no documents"):
+        prepare([tmp_path / "empty.txt"], tiny_tokenizer, tmp_path / "new" / "deep" / "data", workers=1,
+                show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]

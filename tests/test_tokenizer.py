@@ -351,6 +351,8 @@ def test_training_out_is_a_file(tmp_path, small_text):
     (tmp_path / "f").write_text("x")
     with pytest.raises(LlamactlError, match=r"is a file.*--out"):
         train([src], tmp_path / "f", 400)
+    with pytest.raises(LlamactlError, match=r"cannot create .*f/t: .*f is a file \(--out\)"):
+        train([src], tmp_path / "f" / "t", 400)
 
 
 @pytest.mark.parametrize("line, match", [
