@@ -157,10 +157,11 @@ class SFTBatches:
         self.micro_batch, self.accum, self.dp, self.dp_rank, self.seed = micro_batch, accum, dp, dp_rank, seed
         if overflow not in OVERFLOW:
             raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
-        if overflow == "refuse":  # up front, not at the epoch that would reach them
-            for i, (ids, _) in enumerate(samples):
-                if len(ids) > seq_len + 1:
-                    raise _too_long(i, len(ids), seq_len, names[i] if names is not None else None)
+        long = [i for i, (ids, _) in enumerate(samples) if len(ids) > seq_len + 1]
+        if long and overflow == "refuse":  # up front, not at the epoch that would reach them
+            i = long[0]
+            raise _too_long(i, len(samples[i][0]), seq_len, names[i] if names is not None else None)
+        self.truncated = len(long)  # samples cut to one row (a stage reports it)
         self.epoch, self.position = 0, 0
         self._rows: Optional[PackedRows] = None
 

@@ -273,6 +273,8 @@ def test_no_prompt_token_ever_carries_loss_file_to_batch(tok, tmp_path):
 def test_sft_batches_epochs_resume_and_dp():
     samples = [_sample(3 + (i * 7) % 11, 1000 * i, 2) for i in range(23)]
     src = SFTBatches(samples, 15, pad_id=0, micro_batch=2, accum=2, seed=5)
+    assert src.truncated == 0 and SFTBatches(samples, 10, pad_id=0, micro_batch=1).truncated == \
+        sum(len(ids) > 11 for ids, _ in samples) > 0
     rows0 = src.rows()
     seen = sorted(set(rows0.doc_ids[rows0.doc_ids >= 0].tolist()))
     assert seen == list(range(23))  # every sample once per epoch
