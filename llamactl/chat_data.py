@@ -8,6 +8,7 @@ refused) and streamed; every line is validated and a fault is one line naming fi
                  or {"prompt": ..., "response": ...}
     preferences  {"prompt" | "messages", "chosen", "rejected", "rating"?, "safety"?}
     prompts      {"prompt" | "messages", "safety"?, ...task fields (kept as they are)}
+    responses    {"prompt" | "messages", "response", ...}   (answers to score, e.g. `rm score`)
 
 Dialogue rules (the chat encoder's, `tokenizer.validate_dialog`): an optional leading system message,
 then user / assistant alternating from user; an SFT dialogue ends with the assistant, a prompt (also
@@ -90,6 +91,22 @@ class PromptItem:
         return {**out, **self.fields}
 
 
+@dataclass
+class ResponseItem:
+    """An answer to a prompt, to be scored; every other key of the line is kept (written back with the score)."""
+
+    prompt: list[dict]                   # a dialogue ending with the user turn
+    response: str
+    where: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def dialog(self) -> list[dict]:
+        return self.prompt + [{"role": "assistant", "content": self.response}]
+
+    def to_json(self) -> dict:
+        return {**_prompt_json(self.prompt), "response": self.response, **self.extra}
+
+
 def _prompt_json(messages: list[dict]) -> dict:
     """A lone user turn is written back as "prompt", anything longer as "messages"."""
     if len(messages) == 1:
@@ -98,8 +115,9 @@ def _prompt_json(messages: list[dict]) -> dict:
 
 
 # ---- validation ---------------------------------------------------------------------------------------
-class _Line:
-    """Where a line came from; `fail` raises the one-line error naming file, line and field."""
+class Line:
+    """Where a line came from; `fail` makes the one-line error naming file, line and field, `text` checks
+    a string field. Readers of other line formats build on it (with `prompt_messages`)."""
 
     def __init__(self, path: Path, lineno: int, flag: str):
         self.path, self.lineno, self.flag = path, lineno, flag
@@ -128,7 +146,7 @@ class _Line:
         return value
 
 
-def _dialog(obj: dict, at: _Line, last: str) -> list[dict]:
+def _dialog(obj: dict, at: Line, last: str) -> list[dict]:
     """obj["messages"] checked by the chat encoder's rules plus non-empty content; ends with `last`."""
     msgs = obj["messages"]
     if not isinstance(msgs, list) or not msgs:
@@ -143,8 +161,9 @@ def _dialog(obj: dict, at: _Line, last: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def _prompt(obj: dict, at: _Line) -> tuple[list[dict], set[str]]:
-    """The dialogue asked about: "prompt" (one user turn) or "messages" (ending with the user)."""
+def prompt_messages(obj: dict, at: Line) -> tuple[list[dict], set[str]]:
+    """The dialogue asked about: "prompt" (one user turn) or "messages" (ending with the user), and the
+    key it came from."""
     if "prompt" in obj and "messages" in obj:
         raise at.fail('give "prompt" or "messages", not both', "messages")
     if "messages" in obj:
@@ -154,14 +173,14 @@ def _prompt(obj: dict, at: _Line) -> tuple[list[dict], set[str]]:
     return [{"role": "user", "content": at.text(obj, "prompt")}], {"prompt"}
 
 
-def _safety(obj: dict, at: _Line) -> Optional[bool]:
+def _safety(obj: dict, at: Line) -> Optional[bool]:
     value = obj.get("safety")
     if value is not None and not isinstance(value, bool):
         raise at.fail(f"must be true or false, got {json.dumps(value)}", "safety")
     return value
 
 
-def parse_sft(obj: dict, at: _Line) -> SFTExample:
+def parse_sft(obj: dict, at: Line) -> SFTExample:
     if "messages" in obj:
         if "prompt" in obj or "response" in obj:
             raise at.fail('give "messages" or "prompt" + "response", not both', "messages")
@@ -175,8 +194,8 @@ def parse_sft(obj: dict, at: _Line) -> SFTExample:
     return SFTExample(msgs, str(at), {k: v for k, v in obj.items() if k not in used})
 
 
-def parse_preference(obj: dict, at: _Line) -> PreferencePair:
-    prompt, used = _prompt(obj, at)
+def parse_preference(obj: dict, at: Line) -> PreferencePair:
+    prompt, used = prompt_messages(obj, at)
     chosen, rejected = at.text(obj, "chosen"), at.text(obj, "rejected")
     if chosen.strip() == rejected.strip():
         raise at.fail("is the same answer as chosen: a pair needs two different answers", "rejected")
@@ -190,23 +209,33 @@ def parse_preference(obj: dict, at: _Line) -> PreferencePair:
                           {k: v for k, v in obj.items() if k not in used})
 
 
-def parse_prompt(obj: dict, at: _Line) -> PromptItem:
-    msgs, used = _prompt(obj, at)
+def parse_prompt(obj: dict, at: Line) -> PromptItem:
+    msgs, used = prompt_messages(obj, at)
     used |= {"safety"}
     return PromptItem(msgs, _safety(obj, at), {k: v for k, v in obj.items() if k not in used}, str(at))
 
 
+def parse_response(obj: dict, at: Line) -> ResponseItem:
+    prompt, used = prompt_messages(obj, at)
+    response = at.text(obj, "response")
+    used |= {"response"}
+    return ResponseItem(prompt, response, str(at), {k: v for k, v in obj.items() if k not in used})
+
+
+_Line, _prompt = Line, prompt_messages  # the names stages/reward_eval.py imports
+
+
 # ---- files --------------------------------------------------------------------------------------------
 T = TypeVar("T")
-PARSERS: dict[str, Callable[[dict, _Line], object]] = {
-    "sft": parse_sft, "preferences": parse_preference, "prompts": parse_prompt}
+PARSERS: dict[str, Callable[[dict, Line], object]] = {
+    "sft": parse_sft, "preferences": parse_preference, "prompts": parse_prompt, "responses": parse_response}
 
 
 def read_records(path: Path, kind: str, flag: str = "--data") -> Iterator:
-    """Validated records of one file, streamed in file order ("sft", "preferences" or "prompts")."""
+    """Validated records of one file, streamed in file order ("sft", "preferences", "prompts", "responses")."""
     parse = PARSERS[kind]
     for lineno, obj in iter_jsonl(Path(path), flag):
-        yield parse(obj, _Line(Path(path), lineno, flag))
+        yield parse(obj, Line(Path(path), lineno, flag))
 
 
 def load_records(path: Path, kind: str, flag: str = "--data") -> list:
@@ -245,7 +274,7 @@ def write_jsonl(path: Path, rows: Iterable, kind: Optional[str] = None, flag: st
                 if kind is not None:
                     if not isinstance(obj, dict):
                         raise LlamactlError(f"row {n} is a {type(obj).__name__}, not an object ({path}, {flag})")
-                    PARSERS[kind](obj, _Line(path, n, flag))
+                    PARSERS[kind](obj, Line(path, n, flag))
                 f.write(json.dumps(obj, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     finally:

@@ -321,3 +321,16 @@ def test_encode_pair_is_prompt_plus_each_answer(tok):
     k = len(c) - len(tok.encode("[INST] Thanks [/INST] You are welcome. ", bos=True, eos=True))
     assert c[:k] == r[:k] and c[k:k + len(head)] == head  # the same prompt, then each answer
     assert c[-1] == r[-1] == tok.eos_id and tok.decode(c[k + len(head):]) == "You are welcome. "
+
+
+def test_responses_to_score(tmp_path):
+    from llamactl.chat_data import ResponseItem
+
+    p = jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "response": "a", "id": 3},
+                                     {"messages": DIALOG[:5] + [U("more")], "response": "b"}])
+    items = load_records(p, "responses")
+    assert [i.dialog() for i in items] == [[U("q"), A("a")], DIALOG[:5] + [U("more"), A("b")]]
+    assert items[0].to_json() == {"prompt": "q", "response": "a", "id": 3} and isinstance(items[1], ResponseItem)
+    bad = jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q", "response": "  "}])
+    with pytest.raises(LlamactlError, match=r"must not be empty \(.*bad.jsonl:2, field response, --data\)"):
+        load_records(bad, "responses")
