@@ -321,7 +321,8 @@ def decode_layout(model, *, pack_head: bool = True, pack: bool = True) -> int:
 
     A decode step is a matrix-vector product per weight; MKL's kernel for x @ W^T streams a
     column-major W about twice as fast as a row-major one on the CPUs measured here (the lm head of
-    `small`: 2.8 vs 5.2 ms). One matrix at a time is copied, so peak memory grows by the largest
+    `small`: 2.8 vs 5.2 ms) when W has at least as many outputs as inputs; with fewer (w2: 1536 -> 512
+    in `small`) the row-major one is faster (12 vs 10 GB/s, 1 thread), so those stay as they are. One matrix at a time is copied, so peak memory grows by the largest
     matrix only. Meant for inference-only models (generate, chat): tensors are no longer contiguous,
     so re-save through checkpoint code that calls .contiguous(). pack_head: also let `lm_logits` keep a
     oneDNN-packed copy of the head (one extra head-sized tensor) for batches of 2+ rows. Then
@@ -334,6 +335,8 @@ def decode_layout(model, *, pack_head: bool = True, pack: bool = True) -> int:
     moved = 0
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dim() != 2 or name.endswith("tok_embeddings.weight") or min(p.shape) == 1:
+            continue
+        if p.shape[1] > p.shape[0]:  # fewer outputs than inputs (w2): MKL streams the row-major one faster
             continue
         if p.stride(0) == 1 and p.stride(1) >= p.shape[0]:  # column-major already (or a slice of a fused one)
             continue

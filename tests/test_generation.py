@@ -230,7 +230,10 @@ def test_decode_layout_changes_no_result():
     fast = build_model(cfg, seed=9).eval()
     from llamactl.generation import decode_layout
 
-    assert decode_layout(fast) == 3 * 7 + 1  # every matrix but the embedding
+    # every matrix but the embedding and those with fewer outputs than inputs (w2; GQA's wk, wv here)
+    assert decode_layout(fast) == 3 * 4 + 1
+    assert fast.layers["0"].feed_forward.w2.weight.is_contiguous()
+    assert fast.layers["0"].attention.wq.weight.stride(0) == 1  # q|k|v: one column-major matrix
     assert fast.output.weight.stride() == (1, cfg.vocab_size)
     kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=4)
     for prompts in (PROMPTS, PROMPTS[:1]):  # packed head (batch >= 2) and column-major GEMV (batch 1)
