@@ -268,6 +268,9 @@ def eval_cmd(
     """Loss (nats/token) and perplexity of a checkpoint on held-out tokens."""
     from llamactl.stages.evaluate import run_eval
 
+    for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:  # given values are used or refused, never replaced by a default
+            raise LlamactlError(f"{flag} must be >= 1, got {value} ({flag})")
     r = run_eval(model, data, split=split, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens)
     console.print(table(f"eval of {model} on {data} ({r.split})", ["metric", "value"],
                         [["loss (nats/token)", f"{r.loss:.4f}"], ["perplexity", f"{r.perplexity:.3f}"],

@@ -29,6 +29,9 @@ def evaluate_model(model, ctx, data, *, seq_len: int, batch_size: int = 8, max_t
     from llamactl.parallel.pipeline import forward_only, lm_output_loss
     from llamactl.ui import progress
 
+    if batch_size < 1 or seq_len < 1 or (max_tokens is not None and max_tokens < 1):
+        raise LlamactlError(f"batch size, window length and token budget must be >= 1, got {batch_size}, {seq_len}, "
+                            f"{max_tokens} (--batch-size, --seq-len, --max-tokens)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
