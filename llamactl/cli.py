@@ -67,7 +67,7 @@ app.add_typer(data_app, name="data")
 def data_prepare(
     inputs: list[Path] = typer.Option(..., "--input", help="Text file (blank-line separated documents), JSONL ({\"text\": ...}) or folder; repeatable."),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="tokenizer.model (or its folder) to tokenize with."),
-    out: Path = typer.Option(..., "--out", help="Output directory for shards + index.json."),
+    out: Path = typer.Option(..., "--out", help="Output directory for shards + index.json; built beside it and swapped in only on success, so existing prepared data is replaced only by a complete new set (a folder holding other files is refused)."),
     val_fraction: float = typer.Option(0.005, "--val-fraction", help="Fraction of documents held out for validation (chosen by hash)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Tokenizer processes (default: CPU count)."),
     shard_tokens: int = typer.Option(1 << 28, "--shard-tokens", help="Maximum tokens per shard file."),
@@ -280,19 +280,20 @@ def eval_cmd(
 # ---- tokenizer (issue 2) ----------------------------------------------------------------------------
 @tokenizer_app.command("train")
 def tokenizer_train(
-    inputs: list[Path] = typer.Option(..., "--input", help="Text file (one sentence per line), JSONL ({\"text\": ...}) or folder of .txt/.md/.jsonl files; repeatable."),
-    out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.model into."),
+    inputs: list[Path] = typer.Option(..., "--input", help="Text file (one sentence per line), JSONL ({\"text\": ...}) or folder (its .txt .text .md .rst .jsonl .ndjson files, the same ones `data prepare` reads); binary or non-UTF-8 files are refused; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Directory to write tokenizer.model into (an existing tokenizer there is kept unless --overwrite)."),
     vocab_size: int = typer.Option(32000, "--vocab-size", help="Vocabulary size incl. 3 special and 256 byte pieces (Llama 2: 32000)."),
     character_coverage: float = typer.Option(0.99995, "--character-coverage", help="Share of characters kept as pieces; the rarest fall back to bytes."),
     max_sentences: int = typer.Option(10_000_000, "--max-sentences", help="Lines used at most (a seeded random sample when there are more)."),
     seed: int = typer.Option(0, "--seed", help="Seed of that sample (same inputs + seed = same model)."),
     threads: int = typer.Option(16, "--threads", help="Trainer threads (recorded in the model file; keep it fixed for identical files)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a tokenizer.model already in --out (never one inside a checkpoint or prepared-data folder: those record their tokenizer by hash)."),
 ):
     """Train a SentencePiece BPE tokenizer with the Llama settings (split digits, byte fallback, no normalisation)."""
     from llamactl.tokenizer import Tokenizer, piece_counts, train
 
     r = train(inputs, out, vocab_size, character_coverage=character_coverage, max_sentences=max_sentences,
-              seed=seed, num_threads=threads, show_progress=True)
+              seed=seed, num_threads=threads, show_progress=True, overwrite=overwrite)
     pc = piece_counts(Tokenizer.load(r.path))
     rows = [["vocab size", f"{r.vocab_size:,}"],
             ["pieces", f"{pc['merged']:,} merged + {pc['character']:,} chars + {pc['byte']} bytes + {pc['special']} special"],

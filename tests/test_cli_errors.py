@@ -154,6 +154,11 @@ CASES = [
     Case("tokenizer-train-binary",
          lambda f: ["tokenizer", "train", "--input", f.tmp / "program", "--out", f.tmp / "t", "--vocab-size", "300"],
          1, lambda f: ["program"], setup=_binary),
+    Case("tokenizer-train-over-existing",
+         lambda f: ["tokenizer", "train", "--input", f.tmp / "a.txt", "--out", f.tmp / "t", "--vocab-size", "300"],
+         1, lambda f: ["--overwrite", "--out"],
+         setup=lambda f: ((f.tmp / "t").mkdir(), shutil.copy(f.tok, f.tmp / "t" / "tokenizer.model"),
+                          (f.tmp / "a.txt").write_text("some text\n"))),
     # ---- generation: a checkpoint must be whole, values in range (item 9) ---------------------------------
     Case("generate-without-config", _gen(model=lambda f: f.tmp / "ck"), 1, lambda f: ["config.json"],
          setup=_copy("ckpt", "ck", drop="config.json")),
