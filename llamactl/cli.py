@@ -357,26 +357,31 @@ def generate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL (default: stdout)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences decoded together."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
-    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree: each process holds 1/tp of the weights."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes to launch on this node (torchrun); must equal --tp."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree: each process holds 1/tp of every layer's weights."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline stages: each process group holds 1/pp of the layers (with its own KV cache)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to launch on this node (torchrun); must equal --tp x --pp."),
 ):
     """Sample continuations: JSONL with text, token ids, per-token log-probs and finish reason."""
     from llamactl.generation import run_generate
 
-    ctx = _tensor_parallel_ranks(tp, nproc, "generate")
+    ctx = _generation_ranks(tp, pp, nproc, "generate")
     run_generate(model, prompt=prompt, prompts_file=prompts, raw=raw, system=system, num_samples=num_samples,
                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, out=out,
                  batch_size=batch_size, device=device, ctx=ctx)
 
 
-def _tensor_parallel_ranks(tp: int, nproc: int, what: str):
-    """Relaunch under torchrun for --nproc > 1, then this rank's tensor-parallel context (generation has no pp/dp)."""
-    from llamactl.parallel.launch import LaunchConfig, init_distributed, maybe_relaunch
+def _generation_ranks(tp: int, pp: int, nproc: int, what: str):
+    """Relaunch under torchrun for --nproc > 1, then this rank's tp x pp context (generation has no dp: every
+    process holds a different part of one model)."""
+    from llamactl.parallel.context import check_layout
+    from llamactl.parallel.launch import LaunchConfig, init_distributed, maybe_relaunch, under_launcher
 
-    if nproc > 1 and nproc != tp:
-        raise LlamactlError(f"{what} runs tensor parallel only: --nproc {nproc} must equal --tp {tp}")
-    maybe_relaunch(tp, 1, LaunchConfig(nproc=nproc))
-    return init_distributed(tp, 1)
+    if not under_launcher():  # a launched rank checks its world in init_distributed (--nproc is not passed on)
+        check_layout(tp, pp, nproc=nproc)
+        if nproc != tp * pp:
+            raise LlamactlError(f"{what} has no data parallelism: --nproc {nproc} must equal --tp {tp} x --pp {pp}")
+    maybe_relaunch(tp, pp, LaunchConfig(nproc=nproc))
+    return init_distributed(tp, pp)
 
 
 @app.command("chat")
@@ -389,13 +394,14 @@ def chat_cmd(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per answer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling generators."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
-    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree: each process holds 1/tp of the weights."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes to launch on this node (torchrun); must equal --tp."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree: each process holds 1/tp of every layer's weights."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline stages: each process group holds 1/pp of the layers (with its own KV cache)."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to launch on this node (torchrun); must equal --tp x --pp."),
 ):
     """Chat in the terminal (streams tokens; /system, /reset, /save FILE, /exit; Ctrl-C stops an answer)."""
     from llamactl.chat import ChatSettings, run_chat
 
-    ctx = _tensor_parallel_ranks(tp, nproc, "chat")
+    ctx = _generation_ranks(tp, pp, nproc, "chat")
     run_chat(model, ChatSettings(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                                  system=system), prompt=prompt, device=device, ctx=ctx)
 

@@ -195,16 +195,18 @@ def test_one_shot_tensor_parallel_equals_one_process(one_shot, tiny_checkpoint):
         assert tp.stdout == ref
 
 
-def test_generate_tensor_parallel_equals_one_process(tiny_checkpoint, tmp_path):
-    """`llamactl generate --tp 2 --nproc 2`: same samples, same log-probs (to float rounding), one file."""
+@pytest.mark.parametrize("flag", ["--tp", "--pp"])
+def test_generate_parallel_equals_one_process(tiny_checkpoint, tmp_path, flag):
+    """`llamactl generate --tp 2 --nproc 2` and `--pp 2 --nproc 2`: same samples, same log-probs (to float
+    rounding), one file."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Tell me a story"}) + "\n" + json.dumps({"prompt": "Why?"}) + "\n")
     outs = {}
-    for tp in ("1", "2"):
-        outs[tp] = tmp_path / f"tp{tp}.jsonl"
+    for n in ("1", "2"):
+        outs[n] = tmp_path / f"n{n}.jsonl"
         r = subprocess.run(_cli("generate", "--model", str(tiny_checkpoint), "--prompts", str(prompts),
                                 "--num-samples", "2", "--temperature", "0.9", "--top-p", "0.95", "--seed", "2",
-                                "--max-new-tokens", "12", "--out", str(outs[tp]), "--tp", tp, "--nproc", tp),
+                                "--max-new-tokens", "12", "--out", str(outs[n]), flag, n, "--nproc", n),
                            capture_output=True, text=True, timeout=300, env=CHILD_ENV)
         assert r.returncode == 0, r.stderr[-2000:]
     one = [json.loads(x) for x in outs["1"].read_text().splitlines()]
