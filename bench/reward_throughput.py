@@ -12,6 +12,7 @@ shared, so single timings are noisy).
 Needs the bench extra: pip install -e '.[bench]' (trl), keeping the CPU torch build.
 
     python bench/reward_throughput.py [--rounds 6] [--steps 2] [--pairs 16] [--min-len 48] [--max-len 160]
+                                      [--clock cpu]   (CPU seconds of one thread: for a shared machine)
 """
 from __future__ import annotations
 
@@ -93,11 +94,11 @@ def trl_side(ckpt: Path, batches, vocab: int, out_dir: str):
     return step
 
 
-def timed(step, n: int) -> float:
-    t0 = time.perf_counter()
+def timed(step, n: int, clock=time.perf_counter) -> float:
+    t0 = clock()
     for _ in range(n):
         step()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def main() -> None:
@@ -109,9 +110,14 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=48)
     ap.add_argument("--max-len", type=int, default=160)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: this process's CPU seconds (one thread), for machines other jobs share")
     a = ap.parse_args()
+    if a.clock == "cpu":
+        a.threads = 1  # CPU time of one thread is the work done, whatever else runs on the cores
     if a.threads:
         torch.set_num_threads(a.threads)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
 
     from llamactl import checkpoint
     from llamactl.config import preset
@@ -130,8 +136,8 @@ def main() -> None:
         ours(), theirs()
         ratios, ps_ours, ps_theirs = [], [], []
         for r in range(a.rounds):
-            dt_o = timed(ours, a.steps)
-            dt_t = timed(theirs, a.steps)
+            dt_o = timed(ours, a.steps, clock)
+            dt_t = timed(theirs, a.steps, clock)
             po, pt = a.steps * a.pairs / dt_o, a.steps * a.pairs / dt_t
             ps_ours.append(po)
             ps_theirs.append(pt)
@@ -140,7 +146,7 @@ def main() -> None:
     mo, mt = statistics.median(ps_ours), statistics.median(ps_theirs)
     print(f"rm pairs/s: {statistics.median(ratios):.2f}x trl ({mo:.1f} vs {mt:.1f} pairs/s, {a.size} "
           f"{model.cfg.num_params() / 1e6:.1f}M params, {a.pairs} pairs/batch, responses {a.min_len}-{a.max_len} "
-          f"tokens, fp32, {torch.get_num_threads()} threads, median of {a.rounds} rounds)")
+          f"tokens, fp32, {torch.get_num_threads()} threads, {a.clock} clock, median of {a.rounds} rounds)")
 
 
 if __name__ == "__main__":
