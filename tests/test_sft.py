@@ -256,6 +256,13 @@ def test_resume_after_sigterm_is_bit_exact(files, tmp_path, monkeypatch):
     ma, mb = checkpoint.read_meta(straight.checkpoint), checkpoint.read_meta(done.checkpoint)
     weights = [n for n in ma["files"] if n.endswith(".safetensors") or "masters" in n]
     assert weights and all(ma["files"][n] == mb["files"][n] for n in weights)
+    other = tmp_path / "other.jsonl"  # resuming on other data or packing would not continue the same stream
+    other.write_text(Path(files["data"]).read_text().replace("comes after", "follows"))
+    for change, flag in ((dict(data=str(other)), "--data"), (dict(seq_len=48), "--seq-len"),
+                         (dict(cross_attention=True), "--no-cross-attention")):
+        with pytest.raises(LlamactlError, match=flag):
+            sft.run(sft.resolve(_flags(files, tmp_path / "cut", **{**kw, **change}), None, {}), ctx, resume=True,
+                    show_progress=False)
 
 
 def test_checkpoint_is_a_chat_model(files, tmp_path):

@@ -276,6 +276,25 @@ def val_batches(plan: Plan, ctx):
     return lambda: batches
 
 
+RESUME_MUST_MATCH = {"data_sha256": "--data", "seq_len": "--seq-len", "batch_size": "--batch-size",
+                     "cross_attention": "--no-cross-attention"}
+
+
+def _check_resume(run_dir: Path, extra: dict) -> None:
+    """An exact resume continues the same packed data stream: refuse other data or packing than the run's."""
+    from llamactl import checkpoint
+
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        return  # fit says there is nothing to resume
+    saved = checkpoint.read_meta(ckpt).get("extra") or {}
+    for key, flag in RESUME_MUST_MATCH.items():
+        if key in saved and saved[key] != extra[key]:
+            what = "the data file's contents differ from" if key == "data_sha256" else \
+                f"{key} {extra[key]!r} differs from {saved[key]!r} of"
+            raise LlamactlError(f"cannot resume exactly: {what} the run's ({ckpt}, {flag})")
+
+
 def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
     """Build this rank's model from --init (or the run's latest checkpoint with resume), train, validate."""
     import torch
@@ -304,11 +323,17 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
                        zero=plan.parallel.zero, save_dtype=c.save_dtype)
     val = val_batches(plan, ctx)
     inputs = packed_inputs(c.cross_attention)
+    from llamactl.data import sha256_file
+
+    extra = {"seq_len": c.seq_len, "batch_size": c.batch_size, "cross_attention": c.cross_attention,
+             "data": str(c.data), "data_sha256": sha256_file(Path(c.data)), "init": c.init,
+             "samples": plan.stats.samples, "answer_tokens": plan.stats.answer_tokens}
+    if resume:
+        _check_resume(Path(c.out), extra)
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), inputs=inputs, tokenizer=plan.tokenizer, stage="sft",
                  resume=resume, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
                  config_sections={"sft": c, "model": plan.model, "parallel": plan.parallel},
-                 extra_meta={"seq_len": c.seq_len, "data": str(c.data), "init": c.init,
-                             "cross_attention": c.cross_attention},
+                 extra_meta=extra,
                  eval_batches=val if c.eval_every else None, show_progress=show_progress)
     rows = [["steps", result.step], ["tokens", f"{result.tokens:,}"],
             ["final train loss (answer tokens)", f"{result.last_loss:.4f}" if result.last_loss is not None else "-"]]
