@@ -332,7 +332,7 @@ def describe(plan: Plan) -> None:
 
     c, par = plan.cfg, plan.parallel
     console.print(dump_toml({"reward": c, "parallel": par}), markup=False)
-    rows = [["kind", c.kind], ["margin", f"{c.margin} {MARGINS[c.margin]}"],
+    rows = [["kind", c.kind], ["margin", f"{c.margin} ({', '.join(f'{m:.3g}' for m in MARGINS[c.margin])})"],
             ["data", ", ".join(f"{p} ({100 * w:.0f} %)" for p, w in plan.sources)],
             ["pairs per epoch", f"{plan.epoch_pairs:,}"], ["layout", f"tp {par.tp} x pp {par.pp} x dp {plan.dp}"],
             ["pairs / step", f"{c.batch_pairs} ({c.micro_batch} per micro-batch x {plan.accum} x dp {plan.dp})"],
