@@ -1,4 +1,4 @@
-"""Fused RMSNorm, RoPE, SwiGLU and causal attention: one entry point per op, the backend picked per device.
+"""Fused RMSNorm, RoPE, SwiGLU, causal attention and the decode GEMV: one entry point per op, the backend picked per device.
 
 Backend order: CUDA extension (CUDA tensors) > native CPU extension (CPU tensors) > reference
 (`kernels/dispatch.py`). `LLAMACTL_KERNELS=reference` forces the reference. The first use on a device
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llamactl.kernels import reference
-from llamactl.kernels.dispatch import attention_fused, backend, use_fused
+from llamactl.kernels.dispatch import attention_fused, backend, gemv_fused, use_fused
 from llamactl.kernels.reference import rope_tables
 
 
@@ -47,4 +47,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return reference.causal_attention(q, k, v)
 
 
-__all__ = ["rms_norm", "apply_rope", "swiglu", "causal_attention", "rope_tables", "backend"]
+__all__ = ["rms_norm", "apply_rope", "swiglu", "causal_attention", "gemv", "gemv_fused", "rope_tables", "backend"]
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for decoding (x (..., K) of a few rows, w (N, K) row- or column-major), no autograd: on CPU
+    in fp32 a kernel that streams w once for all rows (kernels/csrc/cpu/gemv_isa.cpp), else F.linear."""
+    if gemv_fused(x.device.type, x.dtype, w.dtype):
+        return torch.ops.llamactl.gemv(x, w)
+    return reference.linear(x, w)

@@ -101,6 +101,11 @@ def attention_fused(device_type: str, dtype: torch.dtype) -> bool:
     return _has_blas()
 
 
+def gemv_fused(device_type: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """The CPU decode matrix-vector kernel: fp32 x and weight on CPU (else F.linear)."""
+    return device_type == "cpu" and x_dtype == w_dtype == torch.float32 and backend("cpu").fused
+
+
 @functools.cache
 def _has_blas() -> bool:
     ok = bool(torch.ops.llamactl_cpu.has_blas())
@@ -113,3 +118,4 @@ def _has_blas() -> bool:
 # process that never compiles.
 use_fused._dynamo_marked_constant = True
 attention_fused._dynamo_marked_constant = True
+gemv_fused._dynamo_marked_constant = True

@@ -11,8 +11,11 @@ implementations give output shapes without running anything) and autograd knows 
   llamactl::swiglu_bwd(dout, a, b) -> (da, db)
   llamactl::causal_attention(q, k, v, scale) -> (out, lse)  q (B, H, T, D), k/v (B, Hkv, T, D); lse (B, H, T)
   llamactl::causal_attention_bwd(dout, q, k, v, out, lse, scale) -> (dq, dk, dv)
+  llamactl::gemv(x, w) -> x @ w^T                           decode products: x (..., K) of a few rows, w (N, K)
+                                                            row- or column-major; inference only (no autograd)
 
 causal_attention has a CPU kernel only (fp32, fp64); CUDA runs torch's own flash attention (reference).
+gemv has a CPU kernel only (fp32).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ torch.library.define("llamactl::causal_attention", "(Tensor q, Tensor k, Tensor 
 torch.library.define("llamactl::causal_attention_bwd",
                      "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
                      "-> (Tensor, Tensor, Tensor)")
+torch.library.define("llamactl::gemv", "(Tensor x, Tensor w) -> Tensor")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -67,6 +71,11 @@ def _causal_attention_fake(q, k, v, scale):  # out takes q's layout (made contig
 @torch.library.register_fake("llamactl::causal_attention_bwd")
 def _causal_attention_bwd_fake(dout, q, k, v, out, lse, scale):
     return tuple(torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
+
+
+@torch.library.register_fake("llamactl::gemv")
+def _gemv_fake(x, w):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def _rms_setup(ctx, inputs, output):

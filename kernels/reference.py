@@ -6,6 +6,7 @@ Numerics follow Meta's reference implementation:
   halves of the head dim,  out = [x1*cos - x2*sin, x2*cos + x1*sin], computed in fp32, cast back.
   Its backward is the same rotation with sin negated.
   swiglu:    silu(a) * b, the gate of the feed-forward w2(silu(w1 x) * w3 x).
+  linear:    x @ w^T (gemv, the decode products of a few rows against a weight in any layout).
   causal_attention: softmax(q k^T / sqrt(D) + causal mask) v, kv heads shared by groups of query heads (GQA).
 """
 from __future__ import annotations
@@ -22,6 +23,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
 
 
 def repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:

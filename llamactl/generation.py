@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from llamactl.errors import LlamactlError
-from llamactl.model import fuse_projections, inference_linear, padding_layout
+from llamactl.model import decode_buffer, fuse_projections, inference_linear, padding_layout
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.tensor import gather_from_tp
 from llamactl.pipe import autocast, from_last_stage, stage_forward
@@ -105,17 +105,17 @@ def next_token(logits_local: torch.Tensor, ctx: ParallelContext | None, *, tempe
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """(B, 1, dim) final-normed hidden states of the last position -> this rank's logits (B, V/tp) fp32.
 
-    The same product as the model's column-parallel head (whose forward needs no communication). On
-    CPU, after `decode_layout(model, pack_head=True)`, batches of two or more rows use a oneDNN-packed
-    copy of the head weight (`model.inference_linear`): MKL's fp32 GEMM is 3-5x slower than oneDNN's for
-    a handful of rows against the (vocab x dim) head. The copy is re-packed whenever the weight changes.
+    The same product as the model's column-parallel head (whose forward needs no communication), through
+    `model.inference_linear`: on CPU in fp32 the decode GEMV kernel for up to 8 rows. After
+    `decode_layout(model, pack_head=True)`, larger CPU batches use a oneDNN-packed copy of the head weight:
+    MKL's fp32 GEMM is 3-5x slower than oneDNN's for a handful of rows against the (vocab x dim) head. The
+    copy is re-packed whenever the weight changes.
     """
     h = hidden[:, -1]
     w = model.output.weight
     if getattr(model, "_llamactl_pack_head", False):
         model.output.__dict__["_llamactl_pack"] = True
-        return inference_linear(model.output, "weight", h, w).float()
-    return F.linear(h, w).float()
+    return inference_linear(model.output, "weight", h, w).float()
 
 
 # ---- the decode loop --------------------------------------------------------------------------------------
@@ -319,16 +319,17 @@ def collate(samples: Sequence[Sample], pad_id: int = 0, *, device=None) -> Rollo
 def decode_layout(model, *, pack_head: bool = True, pack: bool = True) -> int:
     """Store every weight matrix but the embedding column-major on CPU (same shape, same values).
 
-    A decode step is a matrix-vector product per weight; MKL's kernel for x @ W^T streams a
-    column-major W about twice as fast as a row-major one on the CPUs measured here (the lm head of
-    `small`: 2.8 vs 5.2 ms) when W has at least as many outputs as inputs; with fewer (w2: 1536 -> 512
-    in `small`) the row-major one is faster (12 vs 10 GB/s, 1 thread), so those stay as they are. One matrix at a time is copied, so peak memory grows by the largest
-    matrix only. Meant for inference-only models (generate, chat): tensors are no longer contiguous,
+    A decode step is a matrix-vector product per weight (the GEMV kernel for up to 8 rows,
+    `model.inference_linear`); column-major, each input's weights are one contiguous run of outputs, what
+    the hardware prefetchers stream best when W has at least as many outputs as inputs; with fewer (w2: 1536
+    -> 512 in `small`) the row-major one is streamed as a few long dot products, so those stay as they
+    are. Every matrix moved (and w2) lands on huge pages (`model.decode_buffer`: 15-25 % faster streams).
+    One matrix at a time is copied, so peak memory grows by the largest matrix only. Meant for inference-only models (generate, chat): tensors are no longer contiguous,
     so re-save through checkpoint code that calls .contiguous(). pack_head: also let `lm_logits` keep a
-    oneDNN-packed copy of the head (one extra head-sized tensor) for batches of 2+ rows. Then
+    oneDNN-packed copy of the head (one extra head-sized tensor) for batches of more than 8 rows. Then
     `model.fuse_projections` makes wq|wk|wv and w1|w3 one column-major matrix each (4 GEMMs per layer
-    instead of 7, no extra memory); pack: batches of 2+ rows use oneDNN-packed copies of the layer
-    matrices too (one extra copy of them, about 2x faster at batch 8 on the CPUs measured here).
+    instead of 7, no extra memory); pack: batches of more than 8 rows use oneDNN-packed copies of the layer
+    matrices too (one extra copy of them; up to 8 rows the GEMV kernel is faster than oneDNN).
     Returns the number of matrices moved.
     """
     model._llamactl_pack_head = pack_head and next(model.parameters()).device.type == "cpu"
@@ -336,11 +337,14 @@ def decode_layout(model, *, pack_head: bool = True, pack: bool = True) -> int:
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dim() != 2 or name.endswith("tok_embeddings.weight") or min(p.shape) == 1:
             continue
-        if p.shape[1] > p.shape[0]:  # fewer outputs than inputs (w2): MKL streams the row-major one faster
+        if p.shape[1] > p.shape[0]:  # fewer outputs than inputs (w2): streamed row-major, on huge pages
+            if p.is_contiguous() and not getattr(p, "_llamactl_decode_buffer", False):
+                p.data = decode_buffer(p.shape, p.dtype, p.device).copy_(p.data)
+                p._llamactl_decode_buffer = True
             continue
         if p.stride(0) == 1 and p.stride(1) >= p.shape[0]:  # column-major already (or a slice of a fused one)
             continue
-        p.data = p.data.t().contiguous().t()
+        p.data = decode_buffer(p.shape[::-1], p.dtype, p.device).copy_(p.data.t()).t()
         moved += 1
     fuse_projections(model, pack=pack)
     return moved
