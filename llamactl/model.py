@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from llamactl.config import ModelConfig
 from llamactl.errors import LlamactlError
-from llamactl.kernels import apply_rope, causal_attention, gemv, gemv_fused, rms_norm, rope_tables, swiglu
+from llamactl.kernels import apply_rope, causal_attention, gemv_fused, rms_norm, rope_tables, swiglu
 from llamactl.kernels.reference import repeat_kv
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.pipeline import stage_layers
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         f = fused_weight(self)
         if f is not None:  # inference after fuse_projections: one GEMM for q, k and v
-            q, k, v = inference_linear(self, "qkv", x, f.weight).split(f.sizes, dim=-1)
+            q, k, v = inference_linear(self, "qkv", x, f.weight).split_with_sizes(f.sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(b, t, self.n_local_heads, self.head_dim)
@@ -129,7 +129,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         f = fused_weight(self)
         if f is not None:  # inference after fuse_projections: one GEMM for the gate and the up projection
-            a, c = inference_linear(self, "w13", x, f.weight).split(f.sizes, dim=-1)
+            a, c = inference_linear(self, "w13", x, f.weight).split_with_sizes(f.sizes, dim=-1)
             return reduce_from_tp(inference_linear(self, "w2", swiglu(a, c), f.out), f.ctx)
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
@@ -166,9 +166,9 @@ def inference_linear(owner: nn.Module, key: str, x: torch.Tensor, w: torch.Tenso
     on CPU, through a oneDNN-packed copy of w when `owner` was marked by `fuse_projections(..., pack=True)`:
     MKL's fp32 GEMM streams a (features x dim) weight at about half the speed for a handful of rows,
     oneDNN's packed kernel does not."""
-    rows = x.numel() // x.shape[-1]
+    rows = x.numel() // max(1, x.shape[-1])
     if rows <= GEMV_MAX_ROWS and gemv_fused(x.device.type, x.dtype, w.dtype):
-        return gemv(x, w)
+        return torch.ops.llamactl.gemv.default(x, w)  # the overload itself: kernels.gemv minus two lookups
     if rows >= 2 and owner.__dict__.get("_llamactl_pack", False):
         packed = packed_weight(owner, key, w, rows)
         if packed is not None:
