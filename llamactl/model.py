@@ -202,6 +202,7 @@ def packed_weight(owner: nn.Module, key: str, w: torch.Tensor, rows: int):
 
 
 HUGE_PAGE = 2 << 20
+MIN_HUGE_BYTES = 256 << 10  # smaller weights stay in plain memory (each mapping may hold one page unused)
 
 
 def decode_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -211,14 +212,17 @@ def decode_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
     A decode step streams every weight once; with 4 KiB pages the hardware prefetchers restart at every
     page boundary and the TLB misses every 4 KiB. On the dev VM (1 thread) the decode GEMV reads 2 MiB
     pages 15-25 % faster (512 x 3072 column-major: 21 -> 26 GB/s; the 32000 x 512 head: 20 -> 23-26). The
-    mapping lives as long as the tensor (torch.frombuffer keeps it); without huge pages it is plain memory.
+    mapping covers whole 2 MiB blocks from an aligned start, so every page of the tensor can be a huge one
+    (at most one partly used page per tensor); it lives as long as the tensor (torch.frombuffer keeps it).
+    Without huge pages (THP off, none free) it is plain memory.
     """
     device = torch.device(device)
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if device.type != "cpu" or nbytes < MIN_HUGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype, device=device)
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE
     try:
-        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buf.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, ValueError):
         return torch.empty(shape, dtype=dtype, device=device)
