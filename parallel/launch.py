@@ -93,6 +93,9 @@ def validate_world(tp: int, pp: int, lc: LaunchConfig) -> int:
     return dp
 
 
+SHUTDOWN_GRACE_S = 900  # TORCH_ELASTIC_SHUTDOWN_TIMEOUT, when the user has not set it
+
+
 def relaunch(argv: list[str], tp: int, pp: int, lc: LaunchConfig, *, debug: bool = False) -> int:
     """Run this command again on lc.nproc local ranks through torchrun's agent, in this process.
 
@@ -109,6 +112,10 @@ def relaunch(argv: list[str], tp: int, pp: int, lc: LaunchConfig, *, debug: bool
 
     validate_world(tp, pp, lc)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // lc.nproc)))
+    # On SIGINT / SIGTERM the agent passes the signal on and SIGKILLs ranks still running after this many
+    # seconds (torch's default: 30). Ranks finish their step and write a checkpoint first, which takes
+    # longer than that for a large model (or on a busy machine): give them SHUTDOWN_GRACE_S.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     with tempfile.TemporaryDirectory(prefix="llamactl-ranks-") as reports, _quiet_torchrun(not debug):
         os.environ[RANK_ERRORS_ENV] = reports
         try:
