@@ -165,7 +165,9 @@ def inference_linear(owner: nn.Module, key: str, x: torch.Tensor, w: torch.Tenso
     streams it at ~15 GB/s against ~20 for a copy, and slower still for 2-8 rows). Otherwise, for 2+ rows
     on CPU, through a oneDNN-packed copy of w when `owner` was marked by `fuse_projections(..., pack=True)`:
     MKL's fp32 GEMM streams a (features x dim) weight at about half the speed for a handful of rows,
-    oneDNN's packed kernel does not."""
+    oneDNN's packed kernel does not. Under autocast (bf16 rollouts) or with autograd recording, F.linear."""
+    if torch.is_autocast_enabled(x.device.type) or torch.is_grad_enabled():  # F.linear casts / records
+        return F.linear(x, w)
     rows = x.numel() // max(1, x.shape[-1])
     if rows <= GEMV_MAX_ROWS and gemv_fused(x.device.type, x.dtype, w.dtype):
         return torch.ops.llamactl.gemv.default(x, w)  # the overload itself: kernels.gemv minus two lookups

@@ -149,3 +149,20 @@ def test_inference_linear_takes_the_gemv_for_decode_rows(fused_cpu):
         assert torch.equal(inference_linear(owner, "w", x, w), torch.ops.llamactl.gemv(x, w))
         x = torch.randn(GEMV_MAX_ROWS + 1, 33)
         torch.testing.assert_close(inference_linear(owner, "w", x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_layout_under_bf16_autocast_generates_as_without_it(fused_cpu):
+    """autocast rollouts (bf16 from fp32 masters) after decode_layout take F.linear, which autocasts, so they
+    give what the plain model gives; the packed oneDNN copy once failed here on a bf16 input."""
+    from llamactl.config import preset
+    from llamactl.generation import decode_layout, generate
+    from llamactl.model import build_model
+
+    plain = build_model(preset("tiny"), seed=3).eval()
+    fast = build_model(preset("tiny"), seed=3).eval()
+    decode_layout(fast)
+    prompts = [[1, 5, 9, 3], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    kw = dict(max_new_tokens=5, autocast_dtype=torch.bfloat16)
+    for a, b in zip(generate(plain, prompts, **kw), generate(fast, prompts, **kw)):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-2)
