@@ -33,23 +33,37 @@ constexpr int64_t kColAhead = 16;          // rows of a column-major W ahead
 constexpr int64_t kShortRunFloats = 2048;  // column-major runs shorter than this are prefetched at one row too
 constexpr int64_t kRowAhead = 2048 / 4;    // floats ahead in each row-major stream
 
-// One pass of KB (or fewer, `kb`) rows of W over a panel of nv full vectors + a tail of `tail` outputs.
+// acc += sum over c < KBN of a[c] * x[c], as two interleaved FMA chains (even and odd c) added at the end:
+// half the dependency depth of one chain, which is what limits 4-8 rows (8 FMAs per weight vector). The
+// order is fixed and does not depend on R, so a row gives the same bits alone or in any batch.
+template <int KBN>
+inline V dot_pass(const V* a, const float* x, V acc) {
+  if constexpr (KBN == 1) {
+    return at::vec::fmadd(a[0], V(x[0]), acc);
+  } else {
+    V u = a[1] * V(x[1]);
+    acc = at::vec::fmadd(a[0], V(x[0]), acc);
+    for (int c = 2; c + 1 < KBN; c += 2) {
+      acc = at::vec::fmadd(a[c], V(x[c]), acc);
+      u = at::vec::fmadd(a[c + 1], V(x[c + 1]), u);
+    }
+    return acc + u;
+  }
+}
+
+// One pass of KBN rows of W (k .. k+KBN-1) over a panel of nv full vectors + a tail of `tail` outputs:
+// each weight vector is loaded once and used by all R rows (x broadcast from memory).
 template <int R, int KBN, bool PF>
 inline void col_pass(const float* x, int64_t ldx, const float* wk, int64_t ldw, float* acc, int64_t stride,
                      int64_t nv, int64_t tail) {
-  V xb[R][KBN];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < KBN; ++c) xb[r][c] = V(x[r * ldx + c]);
   for (int64_t j = 0; j < nv; ++j) {
-    V a[KBN];
     if constexpr (PF)
       for (int c = 0; c < KBN; ++c) __builtin_prefetch(wk + (kColAhead + c) * ldw + j * L);
+    V a[KBN];
     for (int c = 0; c < KBN; ++c) a[c] = V::loadu(wk + c * ldw + j * L);
     for (int r = 0; r < R; ++r) {
       float* s = acc + r * stride + j * L;
-      V v = V::loadu(s);
-      for (int c = 0; c < KBN; ++c) v = at::vec::fmadd(a[c], xb[r][c], v);
-      v.store(s);
+      dot_pass<KBN>(a, x + r * ldx, V::loadu(s)).store(s);
     }
   }
   if (tail) {
@@ -57,9 +71,7 @@ inline void col_pass(const float* x, int64_t ldx, const float* wk, int64_t ldw, 
     for (int c = 0; c < KBN; ++c) a[c] = V::loadu(wk + c * ldw + nv * L, tail);
     for (int r = 0; r < R; ++r) {
       float* s = acc + r * stride + nv * L;
-      V v = V::loadu(s);
-      for (int c = 0; c < KBN; ++c) v = at::vec::fmadd(a[c], xb[r][c], v);
-      v.store(s);
+      dot_pass<KBN>(a, x + r * ldx, V::loadu(s)).store(s);
     }
   }
 }
