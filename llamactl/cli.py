@@ -659,6 +659,21 @@ def rm_score(
     console.print(f"scored {n} responses -> {out}")
 
 
+# ---- RLHF (issue 15) --------------------------------------------------------------------------------
+rlhf_app = typer.Typer(no_args_is_help=True, help="Reinforcement learning from human feedback: rejection sampling, PPO, model-based comparison.")
+app.add_typer(rlhf_app, name="rlhf")
+
+# ---- rlhf rs (rejection sampling) ----
+
+# ---- rlhf ppo ----
+
+# ---- rlhf compare ----
+
+# ---- gatt (Ghost Attention) ----
+
+# ---- report and demo (issue 16) ----
+
+
 # ---- entry point ------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry: every error a user can cause is one line `error: <what> (<where>)`.

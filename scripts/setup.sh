@@ -13,6 +13,6 @@ stamp=.venv/.llamactl-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
-  python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  python -m pip install -q --disable-pip-version-check -e ".[dev,plots]"
   echo "$want" > "$stamp"
 fi
