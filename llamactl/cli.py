@@ -668,6 +668,35 @@ app.add_typer(rlhf_app, name="rlhf")
 # ---- rlhf ppo ----
 
 # ---- rlhf compare ----
+@rlhf_app.command("compare")
+def rlhf_compare(
+    a: Path = typer.Option(..., "--a", help="Checkpoint (or run dir) A: the model whose win rate is reported."),
+    b: Path = typer.Option(..., "--b", help="Checkpoint (or run dir) B: the model A is compared with (e.g. the previous stage)."),
+    prompts: Path = typer.Option(..., "--prompts", help='Prompts JSONL: {"prompt", "safety"?}; a task suite\'s prompts.heldout.jsonl (with its task fields) adds the ground-truth judge.'),
+    rm_helpful: Path = typer.Option(..., "--rm-helpful", help="Helpfulness reward model: judges prompts not tagged safety."),
+    rm_safety: Path = typer.Option(..., "--rm-safety", help="Safety reward model: judges safety-tagged prompts."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result (win / tie / loss per judge and kind, per-prompt answers) as JSON."),
+    samples: int = typer.Option(1, "--samples", help="Answers per prompt and model; a judge compares their means."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy; --samples > 1 needs > 0)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens per answer."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled answers (the same for A and B)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of each family (of each kind without families)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Answers decoded together."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
+):
+    """Win rate of A over B judged by the reward models and by the task suite's ground-truth scorer, helpfulness and safety separately (paper 3.4.1, Figure 11). A tie: judged values within 0.01."""
+    from llamactl.stages.compare import result_rows, run_compare
+
+    r = run_compare(a, b, prompts, rm_helpful, rm_safety, samples=samples, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, seed=seed, limit=limit, batch_size=batch_size, device=device,
+                    out=out)
+    cols, rows = result_rows(r)
+    console.print(table(f"A = {a} vs B = {b} on {r['prompts']} prompts of {prompts}" + (f" -> {out}" if out else ""),
+                        cols, rows))
+    if r.get("ground_truth_absent"):
+        console.print(f"ground truth absent: {r['ground_truth_absent']}")
+
 
 # ---- gatt (Ghost Attention) ----
 
