@@ -701,6 +701,23 @@ def rlhf_compare(
 # ---- gatt (Ghost Attention) ----
 
 # ---- report and demo (issue 16) ----
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory of any stage, a folder of runs, or the demo's directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write (default RUN_DIR/report.md); PNG plots go to plots/ beside it."),
+    with_files: Optional[list[Path]] = typer.Option(None, "--with", help="Result JSON kept elsewhere (rm eval, eval tasks, gatt eval, rlhf compare, rs.json) to include; repeatable."),
+):
+    """report.md with PNG plots from whatever the directory holds: loss curves, RM accuracy per rating, RS max / median, PPO reward and KL, GAtt adherence, and the table of held-out score and win rates per stage."""
+    from llamactl import plots
+    from llamactl.report import rich_tables, run_report
+
+    r = run_report(run_dir, out, with_files or ())
+    for t in rich_tables(r):
+        console.print(t)
+    if not r.plots_available:
+        console.print(plots.MISSING, markup=False, soft_wrap=True)
+    console.print(f"report: {r.path}", soft_wrap=True)
+
 
 
 # ---- entry point ------------------------------------------------------------------------------------
