@@ -222,7 +222,7 @@ class Plotter:
             section.plots.append((name, caption))
 
 
-def stage_table(found: Found) -> Optional[Section]:
+def stage_table(found: Found, root: Optional[Path] = None) -> Optional[Section]:
     """Held-out ground-truth score per family after each stage, and each stage's win rates over the previous."""
     evals = sorted(found.results.get("eval_tasks", []), key=lambda e: stage_key(e[0]))
     compares = found.results.get("compare", [])
@@ -232,7 +232,7 @@ def stage_table(found: Found) -> Optional[Section]:
     fams: list[str] = []
     for _, _, d in evals:
         fams += [f for f in d["families"] if f not in fams]
-    placed = [(c, *attach_compare(c, labels)) for c in compares]
+    placed = [(c, *attach_compare(c, labels, root)) for c in compares]
     wins = {lab: w for _, lab, w in placed if lab is not None}
     sampled = any(d.get("samples") for _, _, d in evals)
     cols = ["stage", *fams, "overall"] + (["overall sampled"] if sampled else []) + [
@@ -261,24 +261,31 @@ def stage_table(found: Found) -> Optional[Section]:
     return sec
 
 
-def attach_compare(entry, labels: Sequence[str]) -> tuple[Optional[str], Optional[dict]]:
+def attach_compare(entry, labels: Sequence[str], root: Optional[Path] = None) -> tuple[Optional[str], Optional[dict]]:
     """(row label, {judge: {kind: win rate of that row over the other model}, "vs": other}) of a compare
-    result, or (None, None) when its models match no two rows."""
+    result, or (None, None) when its models match no two rows.
+
+    A model's stage: the first part of its path (under root, when it lies there) that is a row label. When
+    the paths do not tell, the file name does: compare-<b>-vs-<a>.json (the demo's naming, B first)."""
     name, _, d = entry
 
     def stage_of(path) -> Optional[str]:
-        return next((p for p in Path(str(path)).parts if p in labels), None)
+        p = Path(str(path))
+        if root is not None:
+            try:
+                p = p.resolve().relative_to(Path(root).resolve())
+            except (ValueError, OSError):
+                pass
+        return next((part for part in p.parts if part in labels), None)
 
     sa, sb = stage_of(d.get("a", "")), stage_of(d.get("b", ""))
     if not (sa and sb and sa != sb):
         m = re.fullmatch(r"(?:compare-)?(.+?)-vs-(.+)", name)
         if not m or m.group(1) not in labels or m.group(2) not in labels:
             return None, None
-        x, y = m.group(1), m.group(2)
-        # the file name alone cannot say which is A: the model paths decide when one of them matches
-        if sa == y or sb == x:
-            x, y = y, x
-        sa, sb = x, y
+        sb, sa = m.group(1), m.group(2)
+        if stage_of(d.get("a", "")) == sb or stage_of(d.get("b", "")) == sa:  # a path that says otherwise wins
+            sa, sb = sb, sa
     newer_is_a = stage_key(sa) >= stage_key(sb)
     newer, older = (sa, sb) if newer_is_a else (sb, sa)
     out: dict = {"vs": older}
@@ -289,8 +296,11 @@ def attach_compare(entry, labels: Sequence[str]) -> tuple[Optional[str], Optiona
     return newer, out
 
 
-def compare_section(found: Found) -> Optional[Section]:
-    compares = found.results.get("compare", [])
+def compare_section(found: Found, root: Optional[Path] = None) -> Optional[Section]:
+    """Every compare result, ordered by the stage of its newer model (pretrain, sft, rs, ppo, gatt, others)."""
+    labels = list(STAGE_ORDER) + [e[0] for e in found.results.get("eval_tasks", [])]
+    compares = sorted(found.results.get("compare", []),
+                      key=lambda c: stage_key(attach_compare(c, labels, root)[0] or "~" + c[0]))
     if not compares:
         return None
     cols = ["comparison", "A", "B", "prompts"] + [f"{j} {k} W / T / L" for _, j in JUDGES for k in KINDS]
@@ -491,7 +501,7 @@ def build(run_dir, out=None, extra: Sequence[Path] = ()) -> Report:
         raise LlamactlError(f"nothing to report in {root}: no metrics.jsonl, rs.json or result JSON (eval tasks, "
                             f"rm eval, gatt eval, rlhf compare) up to {MAX_DEPTH} levels down (RUN_DIR; --with adds files)")
     plot = Plotter(out.parent / "plots")
-    sections = [stage_table(found), compare_section(found), loss_section(found, plot), rm_section(found, plot),
+    sections = [stage_table(found, root), compare_section(found, root), loss_section(found, plot), rm_section(found, plot),
                 rs_section(found, plot), ppo_section(found, plot), gatt_section(found, plot), *misc_sections(found)]
     return Report(root, out, [s for s in sections if s is not None], plot.available)
 

@@ -83,10 +83,10 @@ def demo(tmp_path) -> Path:
     ev = d / "evals"
     for stage, base in (("pretrain", 0.1), ("sft", 0.5), ("rs", 0.6), ("ppo", 0.7)):
         _json(ev / f"{stage}.json", _eval_tasks({f: base + i / 100 for i, f in enumerate(FAMS)}))
-    _json(ev / "compare-sft-vs-pretrain.json", _compare(str(d / "sft" / "step-000008"), str(d / "pretrain"),
+    _json(ev / "compare-pretrain-vs-sft.json", _compare(str(d / "sft" / "step-000008"), str(d / "pretrain"),
                                                         (0.7, 0.1, 0.2), (0.6, 0.3, 0.1), gt=(0.8, 0.2, 0.0)))
     # A is the older model here: the rs row must show B's (rs's) share, i.e. A's loss
-    _json(ev / "compare-rs-vs-sft.json", _compare(str(d / "sft"), str(d / "rs" / "sft" / "latest"),
+    _json(ev / "compare-sft-vs-rs.json", _compare(str(d / "sft"), str(d / "rs" / "sft" / "latest"),
                                                   (0.25, 0.1, 0.65), (0.3, 0.3, 0.4)))
     _json(ev / "rm-helpful.json", {"pairs": 40, "accuracy": 0.75, "unrated": 0, "mean_margin": 1.0, "kind": "helpfulness",
                                    "buckets": {"significantly_better": {"pairs": 10, "accuracy": 0.9},
@@ -160,7 +160,8 @@ def test_demo_directory_has_every_section(demo, capsys):
     assert len(ppo) - 1 == 15 and ppo[1][0] == "1" and ppo[-1][0] == "30" and ppo[-1][4] == f"{30 / 50:.4f}"
     assert _table(md, "**ppo: held-out prompts")[1] == ["30", "0.8000", "0.7000", "0.9000", "0.5000"]
     cmp = _table(md, "| comparison")
-    assert cmp[1][0] == "compare-rs-vs-sft" and cmp[1][4:6] == ["25 / 10 / 65 (10)", "30 / 30 / 40 (10)"]
+    assert [r[0] for r in cmp[1:]] == ["compare-pretrain-vs-sft", "compare-sft-vs-rs"]
+    assert cmp[2][4:6] == ["25 / 10 / 65 (10)", "30 / 30 / 40 (10)"] and cmp[1][6] == "80 / 20 / 0 (10)"
     assert "no ground truth: prompts without task fields" in md
     out = capsys.readouterr().out
     assert f"report: {demo / 'report.md'}" in out and "Held-out ground-truth" in out
@@ -224,13 +225,16 @@ def test_compare_rows_from_paths_or_file_name():
     labels = ["pretrain", "sft", "rs"]
     d = _compare("/x/sft/step-1", "/x/pretrain", (0.7, 0.1, 0.2), (0.5, 0.0, 0.5))
     assert attach_compare(("whatever", None, d), labels)[0] == "sft"
-    # paths that name no stage: the file name decides; A is taken as its first name
+    # under root only the part below it counts (a demo kept in a folder named like a stage)
+    d = _compare("/runs/sft/demo/rs/sft", "/runs/sft/demo/sft", (0.7, 0.1, 0.2), (0.5, 0.0, 0.5))
+    assert attach_compare(("x", None, d), labels, Path("/runs/sft/demo"))[0] == "rs"
+    # paths that name no stage: the file name decides, compare-<b>-vs-<a> (the demo's naming)
     d = _compare("/elsewhere/a", "/elsewhere/b", (0.7, 0.1, 0.2), (0.5, 0.0, 0.5))
-    row, w = attach_compare(("compare-rs-vs-sft", None, d), labels)
+    row, w = attach_compare(("compare-sft-vs-rs", None, d), labels)
     assert row == "rs" and w["reward_model"]["helpfulness"] == 0.7 and w["vs"] == "sft"
     # ... unless a path says otherwise: B lies in rs/, so A is sft and the rs row gets A's losses
     d = _compare("/elsewhere/a", "/x/rs/sft", (0.7, 0.1, 0.2), (0.5, 0.0, 0.5))
-    row, w = attach_compare(("compare-rs-vs-sft", None, d), labels)
+    row, w = attach_compare(("compare-sft-vs-rs", None, d), labels)
     assert row == "rs" and w["reward_model"]["helpfulness"] == 0.2 and w["ground_truth"] is None
     assert attach_compare(("cmp", None, d), labels) == (None, None)
 
