@@ -327,7 +327,14 @@ def loss_section(found: Found, plot: Plotter) -> Optional[Section]:
         return None
     cols = ["run", "stage", "steps", "tokens", "first loss", "last loss", "last val loss", "best val loss"]
     rows, sec = [], Section("Loss curves")
-    for label in sorted(found.runs, key=lambda s: stage_key(s.split("/")[0])):
+    order = ("pretrain", "sft", "reward", "rs", "ppo", "gatt")
+
+    def key(label):  # the demo's stage order by the dir's name, else by its config's stage, then the label
+        top, stage = label.split("/")[0], stage_name(found.runs[label].parent)
+        name = top if top in STAGE_ORDER else stage
+        return (order.index(name) if name in order else len(order), label)
+
+    for label in sorted(found.runs, key=key):
         path = found.runs[label]
         mrows, bad = read_metrics(path)
         train = [r for r in mrows if r.get("split", "train") != "val" and isinstance(r.get("loss"), (int, float))]

@@ -142,6 +142,9 @@ def test_demo_directory_has_every_section(demo, capsys):
     assert rows["sft"]["GT win help."] == "80.0 %" and rows["sft"]["GT win safe."] == "-" and rows["sft"]["vs"] == "pretrain"
     assert rows["rs"]["RM win help."] == "65.0 %" and rows["rs"]["RM win safe."] == "40.0 %" and rows["rs"]["vs"] == "sft"
     assert rows["pretrain"]["RM win help."] == "-" and "overall sampled" in head
+    runs = _table(md, "| run |")
+    assert [r[0] for r in runs[1:]] == ["pretrain", "sft", "rm-helpful", "rs/sft", "ppo", "gatt"]
+    assert runs[2][1:] == ["sft", "8", "512", "5.0000", "0.6250", "0.7500", "0.7500"]
     # every referenced plot exists, one per figure kind
     pngs = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", md)
     assert all((demo / p).is_file() and (demo / p).stat().st_size > 0 for p in pngs)
