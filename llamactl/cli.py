@@ -242,14 +242,21 @@ def sft(
               dry_run=opts.dry_run, resume=opts.resume)
 
 
-class _DefaultToLoss(TyperGroup):
-    """`llamactl eval --model M --data D` (no subcommand named) still means `llamactl eval loss ...`."""
+def default_subcommand(name: str) -> type[TyperGroup]:
+    """A command group where flags with no sub-command named run `name`: `llamactl eval --model M --data D`
+    means `llamactl eval loss ...`, `llamactl gatt --model M ...` means `llamactl gatt train ...`."""
 
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["loss", *args]
-        return super().parse_args(ctx, args)
+    class DefaultGroup(TyperGroup):
+        def parse_args(self, ctx, args):
+            if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+                args = [name, *args]
+            return super().parse_args(ctx, args)
 
+    DefaultGroup.__name__ = DefaultGroup.__qualname__ = f"DefaultTo_{name}"
+    return DefaultGroup
+
+
+_DefaultToLoss = default_subcommand("loss")
 
 eval_app = typer.Typer(cls=_DefaultToLoss, no_args_is_help=True,
                        help="Evaluate a checkpoint: loss on held-out tokens (the default), or task-suite scores.")
@@ -664,8 +671,125 @@ rlhf_app = typer.Typer(no_args_is_help=True, help="Reinforcement learning from h
 app.add_typer(rlhf_app, name="rlhf")
 
 # ---- rlhf rs (rejection sampling) ----
+@rlhf_app.command("rs")
+@stage_command("rs", "sft", "parallel")
+def rlhf_rs(
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Current policy: a chat checkpoint (or run dir: its latest)."),
+    rm_helpful: Optional[Path] = typer.Option(None, "--rm-helpful", help="Helpfulness reward model (checkpoint or run dir; kind helpfulness)."),
+    rm_safety: Optional[Path] = typer.Option(None, "--rm-safety", help="Safety reward model (checkpoint or run dir; kind safety)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help='Prompt JSONL: {"prompt"|"messages", "safety"?: bool, ...}; safety-tagged prompts are rewarded by the safety RM alone.'),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory: samples.json, sft_data.jsonl, rs.json, PNGs, sft/ (default runs/rs)."),
+    pool: Optional[Path] = typer.Option(None, "--pool", help="Pool directory: the best answer per prompt across all iterations so far (default RUN/pool; share it between iterations)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Samples per prompt at each temperature (default 10; the paper plots N up to 100)."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", help="Sampling temperature, or several as a comma list (K samples at each, Figure 8); default 1.0."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 1.0)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per answer (default 48)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the samples (each has its own generator) and of the SFT data order."),
+    iteration: Optional[int] = typer.Option(None, "--iteration", help="Iteration number recorded in the pool (default: the next after the pool's)."),
+    gen_batch: Optional[int] = typer.Option(None, "--gen-batch", help="Sequences decoded and scored together (default 64)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="SFT peak learning rate (default 2e-5)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="SFT passes over the pool (default 2)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="SFT optimizer steps (overrides --epochs)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="SFT packed rows per step over all dp ranks (default 64)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="SFT rows per forward/backward."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="SFT tokens per packed row (default min(4096, context))."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="SFT warmup steps (default 0)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="SFT schedule: cosine (default) or constant."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="SFT checkpoint every N steps."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="SFT checkpoints kept."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="SFT stored weights: bfloat16 (default), float32 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    *,
+    opts: StageOptions,
+):
+    """Rejection-sampling fine-tuning (paper 3.2.3): K samples per prompt from the policy, scored by R_c (safety RM if the prompt is tagged safety or R_s < 0.15, else helpfulness RM); the best per prompt joins the pool (best across all iterations); then SFT on the pool into RUN/sft.
+
+    Reports Figure 7 (max and median reward among N samples, N = 1..K) and Figure 8 (reward per temperature) as tables, RUN/rs.json and PNGs. A rerun reuses this run's samples (RUN/samples.json); --resume continues its SFT.
+
+    Exit status: 0 when the run finished; 130 / 143 when SIGINT / SIGTERM stopped the SFT after a checkpoint (continue with --resume); 1 on an error.
+    """
+    import functools
+
+    from llamactl.stages import rejection as stage
+    from llamactl.stages.runner import run_stage
+
+    def s(p):
+        return str(p) if p is not None else None
+
+    flags = dict(policy=s(policy), rm_helpful=s(rm_helpful), rm_safety=s(rm_safety), prompts=s(prompts), out=s(out),
+                 pool=s(pool), k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                 iteration=iteration, gen_batch=gen_batch, device=device)
+    sft_flags = dict(lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len,
+                     warmup=warmup, schedule=schedule, save_every=save_every, keep=keep, save_dtype=save_dtype,
+                     seed=seed)
+    run_stage(functools.partial(stage.resolve, sft_flags=sft_flags), stage.describe, stage.run, flags=flags,
+              launch=opts.launch, config=opts.config, dry_run=opts.dry_run, resume=opts.resume)
+
 
 # ---- rlhf ppo ----
+@rlhf_app.command("ppo")
+@stage_command("ppo", "parallel")
+def rlhf_ppo(
+    size: Optional[str] = typer.Option(None, "--size", help=f"Model preset the policy must have ({SIZES}); sets beta (0.01 for 7b/13b and smaller, 0.005 for 34b/70b). Default: the policy's own shape."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Initial policy (rejection-sampling or SFT checkpoint, or its run dir); also the frozen reference pi_0."),
+    rm_helpful: Optional[Path] = typer.Option(None, "--rm-helpful", help="Helpfulness reward model (rm train --kind helpfulness); the value model starts from it."),
+    rm_safety: Optional[Path] = typer.Option(None, "--rm-safety", help="Safety reward model (rm train --kind safety)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help='Training prompts JSONL ({"prompt"|"messages", "safety"?, ...}; e.g. a suite\'s prompts.train.jsonl).'),
+    val_prompts: Optional[Path] = typer.Option(None, "--val-prompts", help="Held-out prompts answered greedily every --eval-every iterations (reward, KL; early stopping)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory: policy/ and value/ checkpoints (policy/latest is the result), metrics.jsonl, config.toml (default runs/ppo)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="PPO iterations (default 100)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts (rollouts) per iteration over all data-parallel ranks (paper: 512)."),
+    minibatch: Optional[int] = typer.Option(None, "--minibatch", help="Rollouts per optimizer step, one step per minibatch for policy and value (paper: 64)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Rows per forward/backward within a minibatch (default 8)."),
+    ppo_epochs: Optional[int] = typer.Option(None, "--ppo-epochs", help="Passes over an iteration's rollouts (default 1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Constant learning rate of policy and value (paper: 1e-6)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices (paper: 0.1)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Gradient-norm clip (paper: 1.0; 0: off)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="KL penalty coefficient (default by --size: 0.01 or 0.005)."),
+    cliprange: Optional[float] = typer.Option(None, "--cliprange", help="PPO ratio clip epsilon (default 0.2)."),
+    cliprange_value: Optional[float] = typer.Option(None, "--cliprange-value", help="Value-loss clip around the rollout's values (default 0.2)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="Discount (default 1.0)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="GAE lambda (default 0.95)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Rollout sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Rollout nucleus mass (default 1.0)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per response (default 128)."),
+    rollout_batch: Optional[int] = typer.Option(None, "--rollout-batch", help="Rows decoded together (0: the rank's whole batch; default 0)."),
+    truncated: Optional[str] = typer.Option(None, "--truncated", help="Responses that hit --max-new-tokens without EOS: score (as they are, default) or penalize (--truncated-reward)."),
+    truncated_reward: Optional[float] = typer.Option(None, "--truncated-reward", help="Whitened reward of a truncated response under --truncated penalize (default -3)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help='Held-out evaluation every N iterations (and before the first), rows with "split": "val" (0: off).'),
+    val_limit: Optional[int] = typer.Option(None, "--val-limit", help="Use only the first N held-out prompts (0: all)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many evaluations without a better held-out R_c (0: never; default 3)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Save policy, value and state every N iterations (0: only at the end; default 10)."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Saved iterations kept (default 3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of prompt order, rollouts and minibatches."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Stored weights: bfloat16 (default), float32 or float16; exact fp32 masters stay in train_state."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs the --dry-run plan assumes (default: the layout's, at least 8; 64 for 34b/70b)."),
+    *,
+    opts: StageOptions,
+):
+    """PPO with the paper's reward: WHITEN(LOGIT(R_c)) at the last token minus beta * KL to the initial policy per token; rollouts in the training layout.
+
+    Exit status: 0 when the run finished (or stopped early on held-out reward); 130 / 143 when SIGINT / SIGTERM stopped it after saving (continue with --resume); 1 on an error.
+    """
+    from llamactl.stages import ppo as stage
+    from llamactl.stages.runner import resolve_parallel, run_stage
+
+    flags = dict(size=size, policy=str(policy) if policy else None, rm_helpful=str(rm_helpful) if rm_helpful else None,
+                 rm_safety=str(rm_safety) if rm_safety else None, prompts=str(prompts) if prompts else None,
+                 val_prompts=str(val_prompts) if val_prompts else None, out=str(out) if out else None,
+                 iterations=iterations, batch_size=batch_size, minibatch=minibatch, micro_batch=micro_batch,
+                 ppo_epochs=ppo_epochs, lr=lr, weight_decay=weight_decay, clip=clip, beta=beta, cliprange=cliprange,
+                 cliprange_value=cliprange_value, gamma=gamma, lam=lam, temperature=temperature, top_p=top_p,
+                 max_new_tokens=max_new_tokens, rollout_batch=rollout_batch, truncated=truncated,
+                 truncated_reward=truncated_reward, eval_every=eval_every, val_limit=val_limit, patience=patience,
+                 save_every=save_every, keep=keep, seed=seed, save_dtype=save_dtype, device=device)
+    if opts.dry_run and policy is None and opts.config is None:
+        stage.dry_run_without_checkpoints(flags, resolve_parallel({}, opts.launch.parallel_flags()), gpus)
+        return
+    run_stage(stage.resolve, lambda plan: stage.describe(plan, gpus), stage.run, flags=flags, launch=opts.launch,
+              config=opts.config, dry_run=opts.dry_run, resume=opts.resume)
+
 
 # ---- rlhf compare ----
 @rlhf_app.command("compare")
@@ -699,6 +823,114 @@ def rlhf_compare(
 
 
 # ---- gatt (Ghost Attention) ----
+gatt_app = typer.Typer(cls=default_subcommand("train"), no_args_is_help=True,
+                       help="Ghost Attention (paper 3.3): keep a system instruction over many turns. `llamactl gatt --model M ...` means `gatt train`.")
+app.add_typer(gatt_app, name="gatt")
+_KINDS_HELP = "hobby, language, figure, case, start, end, length, mention"
+
+
+def _split_kinds(kinds: Optional[str]) -> Optional[list]:
+    return None if kinds is None else [k.strip() for k in kinds.split(",") if k.strip() and k.strip() != "none"]
+
+
+@gatt_app.command("train")
+@stage_command("gatt", "sft", "parallel")
+def gatt_train(
+    model: Optional[Path] = typer.Option(None, "--model", help="Current chat model (checkpoint or run dir): it samples the answers, and training starts from it."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt JSONL (e.g. the task suite's prompts.train.jsonl): the user turns."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory: gatt.train.jsonl, gatt.json, and the SFT run on them (default runs/gatt)."),
+    dialogues: Optional[int] = typer.Option(None, "--dialogues", help="Dialogues sampled (default 128)."),
+    turns: Optional[int] = typer.Option(None, "--turns", help="User turns planned per dialogue; a dialogue ends earlier when its next turn would not fit the context (default 20)."),
+    per_dialogue: Optional[int] = typer.Option(None, "--per-dialogue", help="Training samples per dialogue, ending at random turns, loss on that last answer only (0: one per turn; default 4)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Answers sampled per turn: the first keeping the constraint is kept, else the first is repaired (default 1)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Answer length cap (default 24)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 0.7; 0 greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9)."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help=f"Built-in instruction families, comma-separated, or none (default all: {_KINDS_HELP})."),
+    constraint: Optional[list[str]] = typer.Option(None, "--constraint", help="Your own instruction, added to the pool (repeatable): a spec such as figure:Napoleon, hobby:chess, language:pig_latin, capitals, lowercase, start:WORD, end:WORD, mention:WORD, max_words:N, joined with +."),
+    constraints: Optional[Path] = typer.Option(None, "--constraints", help="A file of such specs, one per line (# comments)."),
+    max_parts: Optional[int] = typer.Option(None, "--max-parts", help="Instructions combine 1..N families at random (default 2)."),
+    concise: Optional[float] = typer.Option(None, "--concise", help='Share of instructions in their concise form ("Figure: Napoleon"; default 0.5, the paper\'s half).'),
+    ghost: Optional[bool] = typer.Option(None, "--ghost/--no-ghost", help="--no-ghost: the ablation, the instruction left in every user turn of the training samples."),
+    gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", help="Dialogues generated together (default 64)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of instructions, user turns, sampling and the data order (default 0)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="SFT passes over the GAtt set (default 2)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="SFT optimizer steps (overrides --epochs)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed row (default the model's context)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Packed rows per optimizer step (default 64)."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Rows per forward/backward."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-5, the SFT stage's)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warmup steps (default 0)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (default) or constant."),
+    cross_attention: Optional[bool] = typer.Option(None, "--cross-attention/--no-cross-attention", help="Packed samples attend to each other (default: no, each starts at position 0 with its instruction)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (sampling and training)."),
+    *,
+    opts: StageOptions,
+):
+    """Build the GAtt SFT set with the current model and fine-tune on it through the sft stage.
+
+    Instructions (hobby, language, public figure, the task suite's constraints, yours) are combined at random, half made concise, joined to every user turn while the model answers (answers kept when they keep the constraint, else repaired), then kept only as the first turn's system message, with loss on the last answer alone.
+    """
+    from llamactl.stages import gatt as stage
+    from llamactl.stages.runner import run_stage
+
+    flags = dict(model=str(model) if model else None, prompts=str(prompts) if prompts else None,
+                 out=str(out) if out else None, dialogues=dialogues, turns=turns, per_dialogue=per_dialogue,
+                 samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                 kinds=_split_kinds(kinds), constraints=list(constraint) if constraint else None,
+                 constraints_file=str(constraints) if constraints else None, max_parts=max_parts, concise=concise,
+                 ghost=ghost, gen_batch_size=gen_batch_size, seed=seed, epochs=epochs, steps=steps, seq_len=seq_len,
+                 batch_size=batch_size, micro_batch=micro_batch, lr=lr, warmup=warmup, schedule=schedule,
+                 cross_attention=cross_attention, save_every=save_every, keep=keep, device=device,
+                 dry_run=opts.dry_run, resume=opts.resume)
+    run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
+              dry_run=opts.dry_run, resume=opts.resume)
+
+
+@gatt_app.command("eval")
+def gatt_eval(
+    model: Path = typer.Option(..., "--model", help="The model with GAtt (checkpoint or run dir)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The same model without GAtt (e.g. the one GAtt started from)."),
+    also: Optional[list[str]] = typer.Option(None, "--also", help="More models as LABEL=CKPT (repeatable), e.g. no-ghost=runs/gatt-ablation."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt JSONL for the user turns (held-out prompts)."),
+    turns: int = typer.Option(20, "--turns", help="Turns per dialogue (fewer when the context is full)."),
+    dialogues: int = typer.Option(32, "--dialogues", help="Dialogues per model."),
+    constraint: Optional[list[str]] = typer.Option(None, "--constraint", help="Instruction spec (repeatable); with no --kinds, exactly these are used in turn."),
+    constraints: Optional[Path] = typer.Option(None, "--constraints", help="A file of specs, one per line."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help=f"Families to sample instructions from (default all: {_KINDS_HELP}; none when --constraint is given)."),
+    max_parts: int = typer.Option(2, "--max-parts", help="Sampled instructions combine 1..N families."),
+    concise: float = typer.Option(0.0, "--concise", help="Share of instructions in their concise form."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="Answer length cap."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    seed: int = typer.Option(1, "--seed", help="Seed of instructions and user turns (default 1; training's default is 0)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Dialogues generated together."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON of the figures; the plot goes next to it as .png."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+):
+    """Adherence per turn index (the instruction only in the system message, as at inference), with and without GAtt."""
+    from llamactl.stages.gatt_eval import GattEvalConfig, run_eval
+
+    models = {"gatt": model}
+    if baseline is not None:
+        models["baseline"] = baseline
+    for spec in also or []:
+        label, sep, path = spec.partition("=")
+        if not sep or not label.strip() or not path.strip() or label.strip() in models:
+            raise LlamactlError(f"--also takes LABEL=CKPT with a new label, got {spec!r} (--also)")
+        models[label.strip()] = Path(path.strip())
+    user = list(constraint or [])
+    kind_list = _split_kinds(kinds)
+    if kind_list is None:
+        kind_list = [] if (user or constraints) else GattEvalConfig().kinds
+    cfg = GattEvalConfig(prompts=str(prompts), dialogues=dialogues, turns=turns, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, kinds=kind_list, constraints=user,
+                         constraints_file=str(constraints) if constraints else None, max_parts=max_parts,
+                         concise=concise, seed=seed, batch_size=batch_size)
+    run_eval(models, cfg, out=out, device=device)
+
 
 # ---- report and demo (issue 16) ----
 @app.command("report")
@@ -718,6 +950,25 @@ def report_cmd(
         console.print(plots.MISSING, markup=False, soft_wrap=True)
     console.print(f"report: {r.path}", soft_wrap=True)
 
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo directory: one sub-directory per stage, demo.json (progress), report.md."),
+    minutes: float = typer.Option(12.0, "--minutes", help="Budget on 2 idle CPU cores; scales every stage's steps and samples (default 12)."),
+    size: str = typer.Option("tiny", "--size", help="Model preset the step counts are tuned for: tiny."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every stage (the same seed gives the same results)."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="End with a one-shot chat answer from the final model."),
+):
+    """The whole Llama 2-Chat recipe on this machine: task suite, tokenizer, pretrain, SFT, preferences, helpfulness and safety RMs, rejection sampling, PPO, GAtt, report, chat.
+
+    Every step is a public llamactl command, printed before it runs. Run it again after Ctrl-C or a crash to continue: finished steps are kept (demo.json), an unfinished training stage resumes from its checkpoint.
+
+    Exit status: 0 when the demo finished; 130 when Ctrl-C stopped it (run it again to continue); 1 when a stage failed.
+    """
+    from llamactl.stages.demo import run_demo
+    from llamactl.stages.demo_plan import DemoConfig
+
+    run_demo(DemoConfig(out=out, minutes=minutes, size=size, seed=seed), chat=chat)
 
 
 # ---- entry point ------------------------------------------------------------------------------------

@@ -83,26 +83,37 @@ class Rewards:
 KIND_FLAGS = {"helpfulness": "--rm-helpful", "safety": "--rm-safety"}
 
 
-def load_reward_model(path, kind: str, *, ctx=None, device: str = "cpu", flag: Optional[str] = None):
-    """(frozen model, tokenizer, checkpoint dir) of a reward checkpoint of `kind` (a run dir means its newest
-    checkpoint); a checkpoint with another head or kind is a one-line error naming the flag."""
-    from llamactl.checkpoint import load_config, load_model, read_meta, resolve, tokenizer_path
-    from llamactl.parallel.context import ParallelContext
-    from llamactl.plan import layout_error
-    from llamactl.tokenizer import Tokenizer
+def check_reward_checkpoint(path, kind: str, flag: Optional[str] = None) -> Path:
+    """The checkpoint dir of a reward model of `kind` (a run dir means its newest checkpoint), from its
+    llamactl.json alone (no weights read); another head or kind is a one-line error naming the flag."""
+    from llamactl.checkpoint import load_config, read_meta, resolve
 
     flag = flag or KIND_FLAGS[kind]
     if not Path(path).exists():
         raise LlamactlError(f"checkpoint directory not found: {path} ({flag})")
     p = resolve(path, flag)
     meta = read_meta(p)
-    cfg, head = load_config(p, meta=meta)
+    _, head = load_config(p, meta=meta)
     if head != "reward":
         raise LlamactlError(f"not a reward model: the checkpoint has a {head} head ({p}, {flag})")
     got = (meta.get("extra") or {}).get("rm_kind")
     if got != kind:
         what = f"a {got} reward model" if got else "a reward model of unknown kind (no rm_kind in llamactl.json)"
         raise LlamactlError(f"{flag} needs a {kind} reward model, got {what} ({p})")
+    return p
+
+
+def load_reward_model(path, kind: str, *, ctx=None, device: str = "cpu", flag: Optional[str] = None):
+    """(frozen model, tokenizer, checkpoint dir) of a reward checkpoint of `kind` (check_reward_checkpoint),
+    this rank's shard of it in `ctx`'s layout."""
+    from llamactl.checkpoint import load_config, load_model, tokenizer_path
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.plan import layout_error
+    from llamactl.tokenizer import Tokenizer
+
+    flag = flag or KIND_FLAGS[kind]
+    p = check_reward_checkpoint(path, kind, flag)
+    cfg, _ = load_config(p)
     ctx = ctx or ParallelContext.single()
     err = layout_error(cfg, ctx.tp, ctx.pp)
     if err:
