@@ -71,7 +71,8 @@ def bar_plot(path: Path, groups: Sequence[str], bars: Mapping[str, Sequence[floa
         width = 0.8 / max(1, len(bars))
         for i, (name, values) in enumerate(bars.items()):
             ax.bar([g + i * width for g in range(len(groups))], list(values), width=width, label=name)
-        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups), rotation=20)
+        # ticks at each group's centre; slanted labels anchored at their right end so long ones do not collide
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups), rotation=20, ha="right")
         ax.set(title=title, ylabel=ylabel)
         ax.grid(axis="y", alpha=0.3)
         if len(bars) > 1:
