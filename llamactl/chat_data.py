@@ -5,7 +5,8 @@ refused) and streamed; every line is validated and a fault is one line naming fi
 `<what> (<file>:<line>, field <field>, <flag>)`.
 
     SFT          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
-                 or {"prompt": ..., "response": ...}
+                 or {"prompt": ..., "response": ...}; optional "loss": "all_turns" (default: every
+                 assistant turn carries loss) or "last_turn" (only the final answer: Ghost Attention)
     preferences  {"prompt" | "messages", "chosen", "rejected", "rating"?, "safety"?}
     prompts      {"prompt" | "messages", "safety"?, ...task fields (kept as they are)}
     responses    {"prompt" | "messages", "response", ...}   (answers to score, e.g. `rm score`)
@@ -28,6 +29,7 @@ from llamactl.errors import LlamactlError
 from llamactl.textfiles import check_text, iter_jsonl
 from llamactl.tokenizer import DialogError, reserved_tag, validate_dialog
 
+LOSS_SCOPES = ("all_turns", "last_turn")  # which assistant turns of an SFT dialogue carry loss
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 RATING_ALIASES = {"unsure": "negligibly_better"}
 
@@ -39,9 +41,13 @@ class SFTExample:
     messages: list[dict]
     where: str = ""                      # "file:line", for messages about this example later on
     extra: dict = field(default_factory=dict)  # other keys of the line, kept
+    loss: str = "all_turns"              # one of LOSS_SCOPES: "last_turn" trains the final answer only
 
     def to_json(self) -> dict:
-        return {"messages": self.messages, **self.extra}
+        out = {"messages": self.messages, **self.extra}
+        if self.loss != "all_turns":
+            out["loss"] = self.loss
+        return out
 
 
 @dataclass
@@ -191,7 +197,11 @@ def parse_sft(obj: dict, at: Line) -> SFTExample:
         used = {"prompt", "response"}
     else:
         raise at.fail('missing "messages" (or "prompt" + "response")', "messages")
-    return SFTExample(msgs, str(at), {k: v for k, v in obj.items() if k not in used})
+    loss = obj.get("loss", "all_turns")
+    if loss not in LOSS_SCOPES:
+        raise at.fail(f"must be one of {', '.join(LOSS_SCOPES)}, got {json.dumps(loss)}", "loss")
+    used |= {"loss"}
+    return SFTExample(msgs, str(at), {k: v for k, v in obj.items() if k not in used}, loss)
 
 
 def parse_preference(obj: dict, at: Line) -> PreferencePair:

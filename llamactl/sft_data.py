@@ -3,6 +3,7 @@
 `encode_sft` builds on the chat encoder (`tokenizer.dialog_turns`): each finished user/assistant pair is
 BOS "[INST] user [/INST]" (mask 0) + " answer " EOS (mask 1), so the loss falls exactly on the answer
 tokens of every assistant turn, EOS included, and never on a system, user or format token.
+`encode_example` honours an SFT line's "loss" field: "last_turn" keeps the loss on the final answer only.
 `encode_pair` gives a preference pair's two sequences (prompt + each answer) the same way.
 
 `pack` concatenates encoded samples, in the order given, into rows of `seq_len + 1` tokens (one window:
@@ -42,6 +43,11 @@ def encode_sft(tok: Tokenizer, messages: Sequence[dict], *, last_turn_only: bool
         tokens += prompt + answer
         mask += [0] * len(prompt) + [on] * len(answer)
     return tokens, mask
+
+
+def encode_example(tok: Tokenizer, example) -> tuple[list[int], list[int]]:
+    """(tokens, mask) of a `chat_data.SFTExample`, its loss scope applied ("last_turn": GAtt's samples)."""
+    return encode_sft(tok, example.messages, last_turn_only=getattr(example, "loss", "all_turns") == "last_turn")
 
 
 def encode_pair(tok: Tokenizer, prompt: Sequence[dict], chosen: str, rejected: str) -> tuple[list[int], list[int]]:

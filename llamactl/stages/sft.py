@@ -96,11 +96,11 @@ class Plan:
 def encode_file(path: Path, tok, flag: str) -> list[tuple[list[int], list[int]]]:
     """Every dialogue of an SFT JSONL file as (tokens, loss mask), validated whole first (file:line errors)."""
     from llamactl.chat_data import load_records
-    from llamactl.sft_data import encode_sft
+    from llamactl.sft_data import encode_example
 
     if not Path(path).is_file():
         raise LlamactlError(f"SFT data file not found ({path}, {flag})")
-    return [encode_sft(tok, ex.messages) for ex in load_records(Path(path), "sft", flag)]
+    return [encode_example(tok, ex) for ex in load_records(Path(path), "sft", flag)]
 
 
 def data_stats(samples, seq_len: int, seed: int, epochs: int, pad_id: int, overflow: str) -> DataStats:
