@@ -1,0 +1,160 @@
+"""What `llamactl demo` runs: the whole Llama 2-Chat recipe as the list of public commands a user would type.
+
+Each `Step` is one `llamactl ...` command line, the path whose existence says it finished, whether it is a
+training run (continued with `--resume` when its run dir already holds a checkpoint) and the CPU seconds
+it is expected to take at the default budget (the overall ETA). `--minutes` scales every stage's steps and
+sample counts by minutes / DEFAULT_MINUTES, so a smaller budget is the same recipe, shorter.
+
+The tiny settings were chosen so every stage helps on the task suite (measured on 2 CPU cores):
+pretraining on 512-token windows (GAtt's multi-turn dialogues fit in the context), enough pretraining
+steps for the facts family; SFT at a high learning rate for a model this small; preference pairs from
+the SFT policy (helpfulness) and from the SFT policy against the pretrained model (safety: the SFT model
+refuses unsafe requests, the pretrained one complies), mixed 90/10 for the safety RM as in the paper.
+Later stages (rs, ppo, gatt, compare, report) are added when their command exists in this build.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamactl.errors import LlamactlError
+
+DEFAULT_MINUTES = 12.0   # the default budget: about this long on 2 idle cores (cpu_seconds below add up to it)
+SIZES = ("tiny",)        # presets the step counts are tuned for
+CHAT_PROMPT = "Reverse the words: apple river stone"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path
+    minutes: float = DEFAULT_MINUTES
+    size: str = "tiny"
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.minutes > 0:
+            raise LlamactlError(f"--minutes must be positive, got {self.minutes} (--minutes)")
+        if self.size not in SIZES:
+            raise LlamactlError(f"the demo is tuned for the {', '.join(SIZES)} preset, got {self.size!r} (--size)")
+
+    @property
+    def scale(self) -> float:
+        return self.minutes / DEFAULT_MINUTES
+
+    def n(self, base: int, low: int = 1) -> int:
+        """A step or sample count of the default budget, scaled by --minutes (at least `low`)."""
+        return max(low, round(base * self.scale))
+
+    def options(self) -> dict:
+        """What a resumed demo must be started with again (recorded in demo.json)."""
+        return {"minutes": self.minutes, "size": self.size, "seed": self.seed}
+
+
+@dataclass
+class Step:
+    """One public command of the demo."""
+    name: str                    # unique; also the key in demo.json
+    stage: str                   # the recipe stage it belongs to (progress display)
+    argv: list[str]              # arguments after `llamactl`
+    output: Path                 # exists when the command finished (checked with `done`)
+    cpu_seconds: float           # expected at this budget, for the ETA
+    train: bool = False          # a training run: --resume when its run dir holds a checkpoint
+    needs: tuple[str, ...] = ()  # the command path it needs, e.g. ("rlhf", "rs")
+    extra: dict = field(default_factory=dict)
+
+
+def detector_flag(argv: list[str], pairs: Path) -> list[str]:
+    """`rm eval` of the safety RM checks the unsafe detector on safety-tagged pairs; when the annotator found
+    none (a very small budget: both models answer unsafe prompts alike), it reports accuracy alone."""
+    import json
+
+    if any(json.loads(x).get("safety") for x in pairs.read_text().splitlines() if x.strip()):
+        return argv
+    return [*argv, "--no-safety"]
+
+
+def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]:
+    """(the steps to run, [(stage, command) of stages whose command this build lacks]).
+
+    `available(path: tuple[str, ...]) -> bool` says whether `llamactl <path...>` exists."""
+    d, s = cfg.out, str(cfg.seed)
+    suite, tok, data = d / "suite", d / "tokenizer", d / "data"
+    ev, prefs = d / "evals", d / "prefs"
+    x = cfg.scale
+    steps: list[Step] = []
+    missing: list[tuple[str, str]] = []
+
+    def add(name, stage, argv, output, cpu, **kw):
+        steps.append(Step(name, stage, [str(a) for a in argv], output, cpu * x if kw.get("train") else cpu, **kw))
+
+    limit = cfg.n(24, 4)   # held-out prompts per family in every `eval tasks` (8 families)
+    eval_cpu = 12 + 0.1 * limit * 8
+
+    def evaluate(stage, model, raw=False):
+        add(f"eval-{stage}", stage, ["eval", "tasks", "--model", model, "--suite", suite, "--limit", limit,
+                                     "--samples", 0, "--max-new-tokens", 32, "--seed", s,
+                                     *(["--raw"] if raw else []), "--out", ev / f"{stage}.json"],
+            ev / f"{stage}.json", eval_cpu)
+
+    # data: the task suite, a tokenizer trained on its pretraining text, token shards
+    add("suite", "data", ["data", "tasks", "--out", suite, "--seed", s, "--overwrite"], suite / "suite.json", 3)
+    add("tokenizer", "data", ["tokenizer", "train", "--input", suite / "pretrain.txt", "--out", tok,
+                              "--vocab-size", 1000, "--overwrite"], tok / "tokenizer.model", 3)
+    add("data", "data", ["data", "prepare", "--input", suite / "pretrain.txt", "--tokenizer", tok, "--out", data,
+                         "--val-fraction", 0.02], data / "index.json", 5)
+
+    # pretraining on 512-token windows
+    pt_steps = cfg.n(240, 4)
+    add("pretrain", "pretrain", ["pretrain", "--size", cfg.size, "--data", data, "--out", d / "pretrain",
+                                 "--steps", pt_steps, "--seq-len", 512, "--batch-tokens", 4096, "--micro-batch", 8,
+                                 "--save-every", max(1, pt_steps // 4), "--keep", 2, "--eval-tokens", 4096,
+                                 "--seed", s], d / "pretrain", 240, train=True)
+    evaluate("pretrain", d / "pretrain", raw=True)
+
+    # supervised fine-tuning on the suite's SFT set
+    sft_steps = cfg.n(150, 4)
+    add("sft", "sft", ["sft", "--init", d / "pretrain", "--data", suite / "sft.train.jsonl", "--out", d / "sft",
+                       "--steps", sft_steps, "--seq-len", 512, "--batch-size", 8, "--micro-batch", 8, "--lr", "1e-3",
+                       "--save-every", max(1, sft_steps // 4), "--keep", 2, "--seed", s],
+        d / "sft", 180, train=True)
+    evaluate("sft", d / "sft")
+
+    # the simulated annotator: pairs from the SFT policy (helpfulness), SFT against pretrained (safety)
+    pairs = cfg.n(60, 4)  # prompts per family
+    pref = ["--max-new-tokens", 16, "--seed", s]
+    add("prefs-helpful", "preferences", ["data", "preferences", "--model", d / "sft", "--prompts",
+                                         suite / "prompts.train.jsonl", "--temperatures", "0.7,1.2",
+                                         "--limit", pairs, *pref, "--out", prefs / "helpful.jsonl"],
+        prefs / "helpful.jsonl", 15 + 0.06 * pairs * 8)
+    add("prefs-safety", "preferences", ["data", "preferences", "--model", d / "sft", "--model-b", d / "pretrain",
+                                        "--prompts", suite / "prompts.train.jsonl", "--temperatures", "0.7",
+                                        "--limit", pairs, *pref, "--out", prefs / "safety.jsonl"],
+        prefs / "safety.jsonl", 15 + 0.06 * pairs * 8)
+    held = cfg.n(16, 3)
+    add("prefs-heldout", "preferences", ["data", "preferences", "--model", d / "sft", "--model-b", d / "pretrain",
+                                         "--prompts", suite / "prompts.heldout.jsonl", "--temperatures", "0.7,1.2",
+                                         "--limit", held, *pref, "--out", prefs / "heldout.jsonl"],
+        prefs / "heldout.jsonl", 12 + 0.06 * held * 8)
+
+    # the two reward models, from the SFT checkpoint
+    rm_steps = cfg.n(40, 3)
+    rm = ["--steps", rm_steps, "--batch-pairs", 16, "--micro-batch", 8, "--lr", "3e-4", "--warmup", 2,
+          "--save-every", max(1, rm_steps // 2), "--keep", 2, "--seed", s]
+    add("rm-helpful", "rm-helpful", ["rm", "train", "--kind", "helpfulness", "--init", d / "sft",
+                                     "--data", prefs / "helpful.jsonl", "--out", d / "rm-helpful", *rm],
+        d / "rm-helpful", 60, train=True)
+    add("eval-rm-helpful", "rm-helpful", ["rm", "eval", "--model", d / "rm-helpful", "--data",
+                                          prefs / "heldout.jsonl", "--out", ev / "rm-helpful.json"],
+        ev / "rm-helpful.json", 6)
+    add("rm-safety", "rm-safety", ["rm", "train", "--kind", "safety", "--init", d / "sft", "--mix",
+                                   f"{prefs / 'safety.jsonl'}:0.9,{prefs / 'helpful.jsonl'}:0.1",
+                                   "--out", d / "rm-safety", *rm],
+        d / "rm-safety", 60, train=True)
+    add("eval-rm-safety", "rm-safety", ["rm", "eval", "--model", d / "rm-safety", "--data",
+                                        prefs / "heldout.jsonl", "--out", ev / "rm-safety.json"],
+        ev / "rm-safety.json", 6, extra={"adjust": (detector_flag, (prefs / "heldout.jsonl",))})
+
+    from llamactl.stages import demo_later
+
+    demo_later.add_later_stages(cfg, steps, missing, available, add, evaluate)
+    return steps, missing

@@ -1,0 +1,124 @@
+"""The demo's closing figures from the files its stages wrote: held-out ground-truth score per family after
+each stage, RM accuracy per rating bucket, PPO's KL and reward, GAtt adherence with and without.
+
+Only scores go into DEMO/summary.md (no timings), so an interrupted and resumed demo of the same seed
+writes the same file as an uninterrupted one; `llamactl report DEMO` is the full report with plots.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STAGES = ("pretrain", "sft", "rs", "ppo", "gatt")
+RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def score_table(demo: Path) -> tuple[list[str], list[list[str]]]:
+    """Families x stages: greedy ground-truth score on the held-out prompts (`eval tasks`)."""
+    evals = [(s, _load(demo / "evals" / f"{s}.json")) for s in STAGES]
+    evals = [(s, r) for s, r in evals if r]
+    if not evals:
+        return [], []
+    fams = list(evals[0][1]["families"])
+    cols = ["family"] + [s + (" (raw)" if r.get("raw") else "") for s, r in evals]
+    rows = [[f] + [f"{r['families'][f]['greedy']:.3f}" if f in r["families"] else "-" for _, r in evals] for f in fams]
+    rows.append(["overall"] + [f"{r['overall']['greedy']:.3f}" for _, r in evals])
+    return cols, rows
+
+
+def rm_table(demo: Path) -> tuple[list[str], list[list[str]]]:
+    cols = ["reward model", *RATINGS, "all", "pairs"]
+    rows = []
+    for kind in ("helpful", "safety"):
+        r = _load(demo / "evals" / f"rm-{kind}.json")
+        if not r:
+            continue
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.1f} %"
+
+        row = [f"rm-{kind}", *[pct(r["buckets"][b]["accuracy"]) for b in RATINGS], pct(r["accuracy"]), str(r["pairs"])]
+        s = r.get("safety")
+        if s:
+            row[0] += f" (unsafe detector: precision {pct(s.get('precision'))}, recall {pct(s.get('recall'))})"
+        rows.append(row)
+    return cols, rows
+
+
+def ppo_lines(demo: Path) -> list[str]:
+    path = demo / "ppo" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r.get("split") != "val" and "kl" in r]
+    val = [r for r in rows if r.get("split") == "val"]
+    out = []
+    if train:
+        a, b = train[0], train[-1]
+        out.append(f"PPO iterations {a['step']}..{b['step']}: reward R_c {a.get('reward_combined', 0):.4f} -> "
+                   f"{b.get('reward_combined', 0):.4f}, KL to the reference {a['kl']:.4f} -> {b['kl']:.4f} "
+                   f"(max {max(r['kl'] for r in train):.4f})")
+    if val:
+        out.append(f"PPO held-out R_c {val[0].get('reward_combined', 0):.4f} -> {val[-1].get('reward_combined', 0):.4f}, "
+                   f"KL {val[-1].get('kl', 0):.4f}")
+    return out
+
+
+def gatt_table(demo: Path) -> tuple[list[str], list[list[str]]]:
+    r = _load(demo / "evals" / "gatt.json")
+    if not r:
+        return [], []
+    turns = r["turns"]
+    cols = ["model"] + [f"turn {t}" for t in turns]
+    rows = [[label] + [f"{a:.2f}" for a in m["adherence"]] for label, m in r["models"].items()]
+    return cols, rows
+
+
+def summary_markdown(demo: Path) -> str:
+    def md(cols, rows):
+        if not rows:
+            return ""
+        return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+                          *["| " + " | ".join(r) + " |" for r in rows]]) + "\n\n"
+
+    text = "# llamactl demo: results\n\nHeld-out ground-truth score per family (greedy), after each stage:\n\n"
+    text += md(*score_table(demo))
+    text += "Reward models, held-out accuracy per rating:\n\n" + md(*rm_table(demo))
+    text += "".join(f"{x}\n\n" for x in ppo_lines(demo))
+    g = gatt_table(demo)
+    if g[1]:
+        text += "GAtt constraint adherence per turn:\n\n" + md(*g)
+    return text
+
+
+def write_summary(demo: Path, state: dict) -> Path:
+    from llamactl.tasks.suite import write_text_atomic
+
+    text = summary_markdown(demo)
+    missing = state.get("missing") or []
+    if missing:
+        text += "Not available in this build: " + ", ".join(m["stage"] for m in missing) + "\n"
+    return write_text_atomic(demo / "summary.md", text)
+
+
+def print_summary(demo: Path, state: dict) -> None:
+    from llamactl.ui import console, table
+
+    cols, rows = score_table(demo)
+    if rows:
+        console.print(table("held-out ground-truth score per family (greedy) after each stage", cols, rows))
+    cols, rows = rm_table(demo)
+    if rows:
+        console.print(table("reward models: held-out accuracy per rating", cols, rows))
+    for line in ppo_lines(demo):
+        console.print(line)
+    cols, rows = gatt_table(demo)
+    if rows:
+        console.print(table("GAtt: constraint adherence per turn", cols, rows))
