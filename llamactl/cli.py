@@ -806,6 +806,8 @@ def rlhf_compare(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens per answer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled answers (the same for A and B)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of each family (of each kind without families)."),
+    raw_a: bool = typer.Option(False, "--raw-a", help='Prompt A as a base model ("Question: ... Answer:", first sentence kept) instead of the chat template.'),
+    raw_b: bool = typer.Option(False, "--raw-b", help='Prompt B as a base model (e.g. the pretrained checkpoint against SFT).'),
     batch_size: int = typer.Option(32, "--batch-size", help="Answers decoded together."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
 ):
@@ -814,7 +816,7 @@ def rlhf_compare(
 
     r = run_compare(a, b, prompts, rm_helpful, rm_safety, samples=samples, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, seed=seed, limit=limit, batch_size=batch_size, device=device,
-                    out=out)
+                    raw_a=raw_a, raw_b=raw_b, out=out)
     cols, rows = result_rows(r)
     console.print(table(f"A = {a} vs B = {b} on {r['prompts']} prompts of {prompts}" + (f" -> {out}" if out else ""),
                         cols, rows))

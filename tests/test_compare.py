@@ -141,6 +141,17 @@ def test_compare_end_to_end(tmp_path, tiny_models, capsys):
     assert _run("rlhf", "compare", "--a", a, "--b", a, "--out", self_out, *common) == 0
     s = json.loads(self_out.read_text())
     assert all(s["judges"][j][k]["tie"] == 1.0 for j in ("reward_model", "ground_truth") for k in ("helpfulness", "safety"))
+    # --raw-b: B (a base model) answers the "Question: ... Answer:" prompt; A keeps the chat template
+    from llamactl.generation import load_for_generation
+    from llamactl.stages.answers import answer_items
+
+    raw_out = tmp_path / "raw.json"
+    assert _run("rlhf", "compare", "--a", a, "--b", a, "--raw-b", "--out", raw_out, *common) == 0
+    rr = json.loads(raw_out.read_text())
+    model, tok = load_for_generation(a, "cpu")
+    its = [by_prompt[row["prompt"]] for row in rr["items"]]
+    assert rr["raw_b"] and [row["b"] for row in rr["items"]] == answer_items(model, tok, its, raw=True, max_new_tokens=6)
+    assert [row["a"] for row in rr["items"]] == [row["a"] for row in s["items"]]
 
 
 def test_compare_without_task_fields_and_errors(tmp_path, tiny_models, capsys):

@@ -15,7 +15,7 @@ Win / tie / loss are fractions of the prompts of that kind (helpfulness = not sa
 The JSON written with --out (what `llamactl report` reads):
     {"a", "b", "prompts": n, "judges": {"reward_model": {"helpfulness": {"win", "tie", "loss", "prompts",
      "mean_a", "mean_b"} | null, "safety": ...}, "ground_truth": {...} | null}, "ground_truth_absent"?: why,
-     "epsilon", "samples", "temperature", "top_p", "max_new_tokens", "seed", "limit", "prompts_file",
+     "epsilon", "samples", "temperature", "top_p", "max_new_tokens", "seed", "limit", "raw_a", "raw_b", "prompts_file",
      "rm_helpful", "rm_safety", "items": [{"prompt", "safety", "family"?, "a": [..], "b": [..],
      "rm_a", "rm_b", "gt_a"?, "gt_b"?}]}
 """
@@ -126,7 +126,8 @@ def judge(items: Sequence[Mapping], answers_a: Sequence[Sequence[str]], answers_
     return judges, rows
 
 
-def _answers(model_dir, items, *, samples, temperature, top_p, seed, max_new_tokens, batch_size, device, bar, label):
+def _answers(model_dir, items, *, samples, temperature, top_p, seed, max_new_tokens, batch_size, device, bar, label,
+             raw=False):
     """One model's answers (loaded, used, freed: only one policy in memory at a time)."""
     from llamactl.generation import load_for_generation
     from llamactl.stages.answers import answer_items
@@ -140,7 +141,7 @@ def _answers(model_dir, items, *, samples, temperature, top_p, seed, max_new_tok
         raise LlamactlError(f"{flag} needs a language-model checkpoint, not a {model.head} head ({model_dir})")
     task = bar.add_task(f"answers of {label}", total=len(items) * samples)
     out = answer_items(model, tok, items, samples=samples, temperature=temperature, top_p=top_p, seed=seed,
-                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, raw=raw,
                        progress=lambda k: bar.advance(task, k))
     del model
     return out
@@ -148,8 +149,10 @@ def _answers(model_dir, items, *, samples, temperature, top_p, seed, max_new_tok
 
 def run_compare(a, b, prompts, rm_helpful, rm_safety, *, samples: int = 1, temperature: float = 0.0,
                 top_p: float = 1.0, max_new_tokens: int = 48, seed: int = 0, limit: Optional[int] = None,
-                batch_size: int = 32, device: str = "auto", eps: float = TIE_EPS, out=None) -> dict:
-    """Answer, judge, and (with `out`) write the JSON result; returns it."""
+                batch_size: int = 32, device: str = "auto", eps: float = TIE_EPS, raw_a: bool = False,
+                raw_b: bool = False, out=None) -> dict:
+    """Answer, judge, and (with `out`) write the JSON result; returns it. raw_a / raw_b: prompt that model
+    as a base model ("Question: ... Answer:", stages/answers.py); the judges see the same cleaned answer."""
     from llamactl.rewards import RewardModels
     from llamactl.tasks.suite import write_text_atomic
     from llamactl.ui import progress
@@ -174,8 +177,8 @@ def run_compare(a, b, prompts, rm_helpful, rm_safety, *, samples: int = 1, tempe
               batch_size=batch_size, device=device)
     rms = RewardModels.load(Path(rm_helpful), Path(rm_safety), device=device)  # first: a wrong RM fails fast
     with progress() as bar:
-        ans_a = _answers(a, items, bar=bar, label="A", **kw)
-        ans_b = _answers(b, items, bar=bar, label="B", **kw)
+        ans_a = _answers(a, items, bar=bar, label="A", raw=raw_a, **kw)
+        ans_b = _answers(b, items, bar=bar, label="B", raw=raw_b, **kw)
         task = bar.add_task("reward models", total=2)
         dialogs = [[{"role": "user", "content": it["prompt"]}] for it in items for _ in range(samples)]
         safety = [bool(it["safety"]) for it in items for _ in range(samples)]
@@ -188,7 +191,8 @@ def run_compare(a, b, prompts, rm_helpful, rm_safety, *, samples: int = 1, tempe
     result = {"a": str(a), "b": str(b), "prompts": len(items), "judges": judges,
               **({"ground_truth_absent": gt_absent} if gt_absent else {}),
               "epsilon": eps, "samples": samples, "temperature": temperature, "top_p": top_p,
-              "max_new_tokens": max_new_tokens, "seed": seed, "limit": limit, "prompts_file": str(prompts),
+              "max_new_tokens": max_new_tokens, "seed": seed, "limit": limit, "raw_a": raw_a, "raw_b": raw_b,
+              "prompts_file": str(prompts),
               "rm_helpful": str(rm_helpful), "rm_safety": str(rm_safety), "items": rows}
     if out is not None:
         write_text_atomic(out, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
