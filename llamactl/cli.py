@@ -945,9 +945,13 @@ def report_cmd(
     from llamactl import plots
     from llamactl.report import rich_tables, run_report
 
+    from rich.console import Console
+
     r = run_report(run_dir, out, with_files or ())
+    # into a log or a pipe: wide lines rather than columns cut to rich's default of 80 characters
+    out_console = console if console.is_terminal else Console(highlight=False, width=max(console.width, 160))
     for t in rich_tables(r):
-        console.print(t)
+        out_console.print(t)
     if not r.plots_available:
         console.print(plots.MISSING, markup=False, soft_wrap=True)
     console.print(f"report: {r.path}", soft_wrap=True)

@@ -43,6 +43,7 @@ class Table:
     title: str
     columns: list[str]
     rows: list[list[str]]
+    split: Optional[int] = None  # terminal: columns [1:split] turned (a row each), columns [split:] a second table
 
 
 @dataclass
@@ -251,7 +252,8 @@ def stage_table(found: Found, root: Optional[Path] = None) -> Optional[Section]:
     sec = Section("Held-out ground-truth score per stage, and win rates over the previous stage")
     if evals:
         sec.tables.append(Table("ground-truth score per task family (greedy; overall = mean of families); "
-                                "win = the stage's answer judged better than the previous stage's", cols, rows))
+                                "win = the stage's answer judged better than the previous stage's", cols, rows,
+                                split=len(fams) + 2 + sampled))
         sec.notes.append("Scores: `llamactl eval tasks` on the held-out prompts. Win rates: `llamactl rlhf compare` "
                          "(RM = reward models, R_h on helpfulness and R_s on safety prompts; GT = the suite's scorer).")
     unplaced = [c for c, lab, _ in placed if lab is None]
@@ -560,7 +562,16 @@ def rich_tables(report: Report) -> Iterable:
 
     from llamactl.ui import table
 
+    def one(title, cols, rows):
+        return table(escape(title), [escape(c) for c in cols], [[escape(str(c)) for c in r] for r in rows])
+
     for sec in report.sections:
         for t in sec.tables:
-            yield table(escape(f"{sec.title}: {t.title}"), [escape(c) for c in t.columns],
-                        [[escape(str(c)) for c in r] for r in t.rows])
+            if t.split is None or t.split >= len(t.columns):
+                yield one(f"{sec.title}: {t.title}", t.columns, t.rows)
+                continue
+            # the scores turned: one row per family, one column per stage (narrow enough for a terminal)
+            yield one(f"{sec.title}: {t.title}", [t.columns[0], *[r[0] for r in t.rows]],
+                      [[c, *[r[i] for r in t.rows]] for i, c in enumerate(t.columns[1:t.split], 1)])
+            yield one(f"{sec.title}: win rates over the previous stage", t.columns[:1] + t.columns[t.split:],
+                      [r[:1] + r[t.split:] for r in t.rows])

@@ -168,6 +168,9 @@ def test_demo_directory_has_every_section(demo, capsys):
     assert "no ground truth: prompts without task fields" in md
     out = capsys.readouterr().out
     assert f"report: {demo / 'report.md'}" in out and "Held-out ground-truth" in out
+    # the terminal: scores turned (a row per family, a column per stage), win rates as their own table
+    assert re.search(r"arithmetic\s*│\s*0\.100\s*│\s*0\.500\s*│\s*0\.600\s*│\s*0\.700\s*│", out)
+    assert re.search(r"│ sft\s*│\s*70\.0 %\s*│\s*60\.0 %\s*│\s*80\.0 %\s*│\s*-\s*│\s*pretrain\s*│", out)
 
 
 def test_without_matplotlib_tables_stay(demo, monkeypatch, capsys):
