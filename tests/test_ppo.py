@@ -236,6 +236,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(ppo_inputs, tmp_path, 
     assert [r["step"] for r in val] == [0, 1, 2] and {"reward_combined", "kl"} <= set(val[0])
     assert val[0]["kl"] == 0.0                      # pi == pi_0 before the first update
     assert train[1]["kl"] != 0.0
+    # every response hit --max-new-tokens 6 without EOS: under --truncated penalize all get the fixed reward
+    assert all(r["truncated_frac"] == 1.0 and r["reward_whitened"] == -3.0 for r in train)
     assert (run / "policy" / "latest").is_file() and (run / "value" / "latest").is_file()
 
 
@@ -253,6 +255,30 @@ def test_size_mismatch_and_bad_flags_are_one_line_errors(ppo_inputs, tmp_path):
         stage.resolve(_flags(ppo_inputs, tmp_path / "x", rm_helpful=str(ppo_inputs[1])))
     plan = stage.resolve(_flags(ppo_inputs, tmp_path / "x"))
     assert plan.cfg.beta == 0.01 and plan.size == "custom" and plan.steps_per_iteration == 2
+
+
+def test_early_stopping_on_held_out_reward(ppo_inputs, tmp_path, one_thread):
+    """A policy that cannot move (lr 1e-30) never beats its held-out R_c before training: with --patience 1
+    the run stops after the first evaluation, saved, with exit code 0."""
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.runstate import state_steps
+    from llamactl.stages import ppo as stage
+
+    flags = _flags(ppo_inputs, tmp_path / "es", iterations=4, lr=1e-30, eval_every=1, patience=1, save_every=0,
+                   val_prompts=str(ppo_inputs[0] / "val.jsonl"))
+    res = stage.run(stage.resolve(flags), ParallelContext.single(), show_progress=False)
+    assert res.iteration == 1 and res.exit_code == 0
+    assert state_steps(tmp_path / "es") == [2]      # 2 optimizer steps (minibatches) in iteration 1
+    assert [r["step"] for r in res.rows if r["split"] == "val"] == [0, 1]
+
+
+def test_dry_run_70b_prints_the_plan_without_checkpoints(capsys):
+    from llamactl.cli import main
+
+    main(["rlhf", "ppo", "--size", "70b", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "beta = 0.005" in out and "lr = 1e-06" in out and "batch_size = 512" in out
+    assert "tp 8 x pp 8" in out and "memory per GPU (5 models)" in out and "iteration time" in out
 
 
 # ---- tp 2 equals one process ------------------------------------------------------------------------------
