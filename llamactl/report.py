@@ -72,16 +72,17 @@ def classify(data) -> Optional[str]:
     """The kind of a JSON result, by its keys; None for anything else (configs, manifests, ...)."""
     if not isinstance(data, dict):
         return None
-    if "families" in data and "overall" in data:
+    if isinstance(data.get("families"), dict) and isinstance(data.get("overall"), dict):
         return "eval_tasks"
-    if "judges" in data:
+    if isinstance(data.get("judges"), dict):
         return "compare"
-    if "buckets" in data and "accuracy" in data:
+    if isinstance(data.get("buckets"), dict) and isinstance(data.get("accuracy"), (int, float)):
         return "rm_eval"
-    if "turns" in data and isinstance(data.get("models"), dict):
+    if isinstance(data.get("turns"), list) and isinstance(data.get("models"), dict):
         return "gatt_eval"
     its = data.get("iterations")
-    if isinstance(its, list) and its and all(isinstance(i, dict) and "max" in i and "median" in i for i in its):
+    if isinstance(its, list) and its and all(isinstance(i, dict) and isinstance(i.get("max"), list) and i["max"]
+                                             and isinstance(i.get("median"), list) and i["median"] for i in its):
         return "rs"
     if isinstance(data.get("stages"), list):
         return "demo"

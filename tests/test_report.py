@@ -246,6 +246,8 @@ def test_compare_rows_from_paths_or_file_name():
 
 
 def test_errors_and_damaged_metrics(tmp_path, capsys):
+    from llamactl.report import build
+
     assert _main("report", tmp_path / "none") == 1
     assert "run directory not found" in capsys.readouterr().err
     (tmp_path / "empty" / "step-000001").mkdir(parents=True)
@@ -258,6 +260,11 @@ def test_errors_and_damaged_metrics(tmp_path, capsys):
     assert _main("report", run, "--out", run) == 1 and "is a directory" in capsys.readouterr().err
     (tmp_path / "junk.json").write_text(json.dumps({"hello": 1}))
     assert _main("report", run, "--with", tmp_path / "junk.json") == 1 and "unrecognised" in capsys.readouterr().err
+    # JSON that only looks like a result (wrong types, empty curves) is not taken for one
+    for i, junk in enumerate([{"judges": 3}, {"families": [], "overall": {}}, {"iterations": [{"max": [], "median": []}]},
+                              {"turns": 5, "models": {}}, {"buckets": {}, "accuracy": "high"}]):
+        (run / f"junk{i}.json").write_text(json.dumps(junk))
+    assert [s.title for s in build(run).sections] == ["Loss curves"]
     # a crash cut the last line: skipped and said; an old report is replaced whole
     (run / "report.md").write_text("old")
     with (run / "metrics.jsonl").open("a") as f:
