@@ -385,9 +385,10 @@ def ppo_section(found: Found, plot: Plotter) -> Optional[Section]:
             series["R_c held-out"] = ([r["step"] for r in val], [r["reward_combined"] for r in val])
         plot.line(sec, f"ppo-reward-{slug(label)}.png", f"{label}: reward per iteration", series,
                   title=f"{label}: reward", xlabel="iteration", ylabel="sigma-space reward")
+        vkl = [r for r in val if isinstance(r.get("kl"), (int, float))]
         plot.line(sec, f"ppo-kl-{slug(label)}.png", f"{label}: KL to the reference per iteration",
-                  {"KL": (it, [r["kl"] for r in train])}, title=f"{label}: KL(pi || pi_0)", xlabel="iteration",
-                  ylabel="KL per sequence")
+                  {"KL": (it, [r["kl"] for r in train]), "KL held-out": ([r["step"] for r in vkl], [r["kl"] for r in vkl])},
+                  title=f"{label}: KL(pi || pi_0)", xlabel="iteration", ylabel="KL per sequence")
     return sec if sec.tables else None
 
 
