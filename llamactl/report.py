@@ -13,8 +13,8 @@ down gives a loss curve, and every JSON result is recognised by its keys (see `c
 Results kept elsewhere (an RM's eval JSON beside its run dir) come in with `--with FILE`.
 
 The stage table orders rows pretrain, sft, rs, ppo, gatt (other labels after, by name); a compare result
-is put on the row of the newer of its two models (found from the models' paths, else from the file name
-compare-<x>-vs-<y>.json), as the newer stage's win rate over the older one.
+is put on the row of the newer of its two models (found from the models' paths, else from the demo's file
+name compare-<b>-vs-<a>.json), as the newer stage's win rate over the older one.
 Without matplotlib every table stays and the report says how to get the plots (plots.MISSING).
 """
 from __future__ import annotations
@@ -25,14 +25,14 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from llamactl import plots
 from llamactl.errors import LlamactlError
 
 STAGE_ORDER = ("pretrain", "sft", "rs", "ppo", "gatt")
 MAX_DEPTH = 3
-SKIP_DIRS = re.compile(r"^(step-\d+|train_state|plots|tb|tensorboard|runs|__pycache__)$|^\.|\.tmp")
+SKIP_DIRS = re.compile(r"^(step-\d+|train_state|plots|tb|__pycache__)$|^\.|\.tmp")  # checkpoints, TensorBoard, ...
 MAX_TABLE_ROWS = 15  # long per-iteration tables are thinned to this many rows (first, evenly spaced, last)
 KINDS = ("helpfulness", "safety")
 JUDGES = (("reward_model", "RM"), ("ground_truth", "GT"))
@@ -114,12 +114,11 @@ def find(root: Path, extra: Sequence[Path] = ()) -> Found:
             elif p.suffix == ".json" and not p.name.startswith("."):
                 data = _read_json(p)
                 kind = classify(data)
-                if kind:
+                if kind == "rs":  # rs.json is named by its run: the folder it is in
+                    found.add(kind, _label(p.parent.relative_to(root), root.name), p, data)
+                elif kind:  # evals/<stage>.json by the stage, anything else by its path
                     rel = p.relative_to(root).with_suffix("")
-                    label = rel.name if rel.parent.name == "evals" or kind == "rs" else rel.as_posix()
-                    if kind == "rs":  # rs.json names its run: the folder it is in
-                        label = _label(p.parent.relative_to(root), root.name)
-                    found.add(kind, label, p, data)
+                    found.add(kind, rel.name if rel.parent.name == "evals" else rel.as_posix(), p, data)
 
     walk(root, 0)
     for p in extra:
@@ -182,7 +181,9 @@ def num(v, digits: int = 4) -> str:
     if isinstance(v, float):
         if v != v:
             return "nan"
-        return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v and abs(v) < 1e-3) else f"{v:.{digits}f}"
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if v and abs(v) < 1e-3 else f"{v:.{digits}f}"
     return str(v)
 
 
