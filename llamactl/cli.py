@@ -785,7 +785,9 @@ def rlhf_ppo(
                  truncated_reward=truncated_reward, eval_every=eval_every, val_limit=val_limit, patience=patience,
                  save_every=save_every, keep=keep, seed=seed, save_dtype=save_dtype, device=device)
     if opts.dry_run and policy is None and opts.config is None:
-        stage.dry_run_without_checkpoints(flags, resolve_parallel({}, opts.launch.parallel_flags()), gpus)
+        pflags = opts.launch.parallel_flags()
+        pflags.setdefault("nproc", (pflags.get("tp") or 1) * (pflags.get("pp") or 1))  # a plan needs no processes
+        stage.dry_run_without_checkpoints(flags, resolve_parallel({}, pflags), gpus)
         return
     run_stage(stage.resolve, lambda plan: stage.describe(plan, gpus), stage.run, flags=flags, launch=opts.launch,
               config=opts.config, dry_run=opts.dry_run, resume=opts.resume)

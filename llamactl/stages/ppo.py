@@ -221,14 +221,18 @@ def _print_config(c: PPOConfig, par: ParallelConfig, model: ModelConfig | None) 
     console.print(dump_toml(sections), markup=False)
 
 
-def _print_plan(size: str, model: ModelConfig, c: PPOConfig, par: ParallelConfig, gpus: int | None) -> None:
-    """The planner's memory per GPU for the five models and the time of one iteration at this layout (or the
-    smallest layout that fits when none was given)."""
+def _print_plan(size: str, model: ModelConfig, c: PPOConfig, par: ParallelConfig, gpus: int | None,
+                search: bool = False) -> None:
+    """The planner's memory per GPU for the five models and the time of one iteration at this layout (with
+    `search` and no --tp / --pp: the smallest layout that fits on --gpus, default 8, or 64 for 34b / 70b)."""
     from llamactl.plan import make_plan, print_plan
     from llamactl.ui import console, table
 
-    given = par.tp > 1 or par.pp > 1
-    n = gpus or max(par.world, par.tp * par.pp, 8 if model.num_params() < 20e9 else 64)
+    given = not search or par.tp > 1 or par.pp > 1
+    if search:
+        n = gpus or max(par.world, par.tp * par.pp, 8 if model.num_params() < 20e9 else 64)
+    else:
+        n = gpus or max(par.world, par.tp * par.pp)
     seq = min(4096, model.max_seq_len)
     p = make_plan(size, "ppo", gpus=n, seq_len=seq, tp=par.tp if given else None, pp=par.pp if given else None,
                   cfg=model, rows=c.batch_size)
@@ -263,7 +267,7 @@ def dry_run_without_checkpoints(flags: dict[str, Any], par: ParallelConfig, gpus
     if err:
         raise LlamactlError(err)
     _print_config(c, par, model)
-    _print_plan(size, model, c, par, gpus)
+    _print_plan(size, model, c, par, gpus, search=True)
 
 
 def describe(plan: Plan, gpus: int | None = None) -> None:
