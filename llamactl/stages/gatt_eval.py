@@ -9,8 +9,8 @@ context (the paper: "consistent up to 20+ turns, until the maximum context lengt
 `reached` says how many dialogues each figure rests on.
 
 JSON (--out, read by `llamactl report`): {"turns": [1..T], "models": {label: {"adherence": [per turn, null
-where no dialogue reached it], "reached": [...], "by_family": {family: [...]}, "mean_turn_5_plus",
-"model"}}, "constraints": distinct instructions, "dialogues": N, ...settings}; the PNG next to it.
+where no dialogue reached it], "reached": [...], "by_family": {family: [...]}, "by_family_turn_5_plus",
+"mean_turn_5_plus", "model", "examples"}}, "constraints": distinct instructions, "dialogues": N, ...settings}; the PNG next to it.
 """
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def evaluate(dialogues, answer, fits, turns: int) -> dict:
     by_family = {}
     for fam in sorted({family(d.constraint) for d in ds}):
         by_family[fam] = adherence_per_turn([d for d in ds if family(d.constraint) == fam], turns)[0]
+    reach = {fam: adherence_per_turn([d for d in ds if family(d.constraint) == fam], turns)[1] for fam in by_family}
     return {"adherence": adherence, "reached": reached, "by_family": by_family,
+            "by_family_turn_5_plus": {f: mean_from(by_family[f], reach[f], 5) for f in by_family},
             "mean_turn_5_plus": mean_from(adherence, reached, 5),
             "stopped_by_context": sum(d.stopped == "context" for d in ds),
             "examples": [{"instruction": d.instruction, "answers": d.answers[:6]} for d in ds[:3]]}
@@ -101,6 +103,7 @@ def run_eval(models: dict[str, Path], cfg, *, out: Optional[Path] = None, device
     if show:
         console.print(table(f"GAtt adherence per turn ({len(dialogues)} dialogues, {result['constraints']} "
                             f"instructions, system message only)", *table_rows(result)))
+        console.print(table("adherence per instruction family (turn 1 / turns 5+)", *family_rows(result)))
     if out is not None:
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
         png = Path(out).with_suffix(".png")
@@ -130,3 +133,21 @@ def table_rows(result: dict) -> tuple[list[str], list[list]]:
                                                          result["models"][lab]["reached"][i])])
     rows.append(["5+"] + [x for lab in labels for x in (pct(result["models"][lab]["mean_turn_5_plus"]), "")])
     return cols, rows
+
+
+def family_rows(result: dict) -> tuple[list[str], list[list]]:
+    """Per instruction family and model: adherence at turn 1 and over turns 5+."""
+    labels = list(result["models"])
+    fams = sorted({f for m in result["models"].values() for f in m["by_family"]})
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.0f} %"
+
+    rows = []
+    for f in fams:
+        row = [f]
+        for lab in labels:
+            m = result["models"][lab]
+            row.append(f"{pct(m['by_family'].get(f, [None])[0])} / {pct(m['by_family_turn_5_plus'].get(f))}")
+        rows.append(row)
+    return ["family"] + labels, rows
