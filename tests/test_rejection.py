@@ -132,6 +132,7 @@ def test_two_iterations_end_to_end(made, monkeypatch, capsys):
     assert _rs(made, run1, made["policy"]) == 0
     out = capsys.readouterr().out
     assert "Figure 7" in out and "Figure 8" in out
+    assert (run1 / "rs_best_of_n.png").is_file() and (run1 / "rs_temperature.png").is_file()
     rs = json.loads((run1 / "rs.json").read_text())
     (it,) = rs["iterations"]
     assert it["iteration"] == 1 and it["k"] == 3 and it["n"] == [1, 2, 3] and set(it["temperatures"]) == {"0.8", "1.3"}
@@ -164,7 +165,13 @@ def test_two_iterations_end_to_end(made, monkeypatch, capsys):
     assert json.loads((ck1 / "llamactl.json").read_text())["extra"]["data"] == str(run1 / "sft_data.jsonl")
 
     # iteration 2 from the fine-tuned policy into the same pool: entries only ever improve
+    # (and without matplotlib: tables only, the hint printed once)
+    from llamactl import plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
     assert _rs(made, run2, run1 / "sft", "--pool", pool, "--seed", 1) == 0
+    out = capsys.readouterr().out
+    assert out.count(plots.MISSING) == 1 and "Figure 7" in out and not list(run2.glob("*.png"))
     p2 = json.loads((pool / "pool.json").read_text())["entries"]
     assert set(p1) <= set(p2)
     for key, e in p1.items():

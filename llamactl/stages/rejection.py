@@ -340,7 +340,7 @@ def report(plan: Plan, history: list[dict], stats: dict) -> None:
                         xlabel="N samples", ylabel="max reward R_c")
         console.print(f"plots: {plan.run_dir / PLOT_BEST}, {plan.run_dir / PLOT_TEMP}")
     else:
-        console.print(plots.MISSING)
+        console.print(plots.MISSING, markup=False, soft_wrap=True)
 
 
 # ---- run --------------------------------------------------------------------------------------------------
