@@ -239,6 +239,16 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(ppo_inputs, tmp_path, 
     # every response hit --max-new-tokens 6 without EOS: under --truncated penalize all get the fixed reward
     assert all(r["truncated_frac"] == 1.0 and r["reward_whitened"] == -3.0 for r in train)
     assert (run / "policy" / "latest").is_file() and (run / "value" / "latest").is_file()
+    # RUN/best: the policy of the best held-out R_c, a complete checkpoint, the same in both runs
+    best = [r for r in val if r["reward_combined"] > val[0]["reward_combined"]]
+    if best:
+        top = max(best, key=lambda r: r["reward_combined"])
+        assert json.loads((run / "best.json").read_text())["iteration"] == top["step"]
+        from llamactl.checkpoint import verify
+
+        assert verify(run / "best") == []
+    else:
+        assert not (run / "best").exists()
 
 
 def test_size_mismatch_and_bad_flags_are_one_line_errors(ppo_inputs, tmp_path):
@@ -270,6 +280,7 @@ def test_early_stopping_on_held_out_reward(ppo_inputs, tmp_path, one_thread):
     assert res.iteration == 1 and res.exit_code == 0
     assert state_steps(tmp_path / "es") == [2]      # 2 optimizer steps (minibatches) in iteration 1
     assert [r["step"] for r in res.rows if r["split"] == "val"] == [0, 1]
+    assert not (tmp_path / "es" / "best").exists()  # nothing beat the initial policy
 
 
 def test_dry_run_70b_prints_the_plan_without_checkpoints(capsys):

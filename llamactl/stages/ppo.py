@@ -16,9 +16,10 @@ tensor-parallel KV cache), never by a consolidated copy. One iteration:
 Everything per token lives in llamactl/ppo.py (pure functions). Responses that hit --max-new-tokens
 without EOS are scored as they are (--truncated score) or get a fixed low reward (--truncated penalize).
 Held-out prompts (--val-prompts) are answered greedily every --eval-every iterations; the run stops
-early when their mean R_c has not improved for --patience evaluations. The run dir holds policy/ and
-value/ (checkpoints, latest) and one shared state (runstate.py), so both models, both optimizers, RNG and
-the prompt position resume together, exactly.
+early when their mean R_c has not improved for --patience evaluations; every new best is saved and kept
+as RUN/best (a complete policy checkpoint, hard-linked; RUN/best.json names its iteration). The run dir
+holds policy/ and value/ (checkpoints, latest = the last iteration) and one shared state (runstate.py),
+so both models, both optimizers, RNG and the prompt position resume together, exactly.
 """
 from __future__ import annotations
 
@@ -627,6 +628,35 @@ def load_models(plan: Plan, ctx, device: str, reward_models=None) -> Models:
     return Models(policy, reference, value, reward_models, Tokenizer.load(plan.tokenizer), ctx, decode_copy(policy))
 
 
+BEST_DIR = "best"          # RUN/best: the policy checkpoint of the best held-out R_c (early stopping's result)
+BEST_FILE = "best.json"
+
+
+def keep_best(out: Path, state_dir: Path, info: dict) -> None:
+    """Make RUN/best a complete copy of the policy checkpoint saved with `state_dir` (hard links where the
+    filesystem allows: checkpoint files are never rewritten in place, so a link stays valid when the run
+    later rotates that step away), replacing the previous best atomically; RUN/best.json says which."""
+    import os
+    import shutil
+
+    from llamactl.rundir import remove_checkpoint
+
+    src = Path(out) / "policy" / Path(state_dir).name
+    tmp = Path(out) / f".{BEST_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    remove_checkpoint(Path(out) / BEST_DIR)
+    tmp.rename(Path(out) / BEST_DIR)
+    (Path(out) / BEST_FILE).write_text(json.dumps({**info, "checkpoint": str(src)}) + "\n")
+
+
 def _write_row(path: Path, row: dict, tb) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -730,18 +760,20 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, re
                               f"loss {row['loss']:.4f} value {row['value_loss']:.4f} len {row['response_len']:.1f} "
                               f"gen {row['time_generate']:.1f}s score {row['time_score']:.1f}s train {row['time_train']:.1f}s",
                               markup=False)
-            early = False
+            early = improved = False
             if c.eval_every and val_prompts and (it % c.eval_every == 0 or it == c.iterations):
                 vrow = {"step": it, "split": "val", **evaluate(m, val_items, val_prompts, c)}
                 log(vrow)
                 rows.append(vrow)
                 if vrow["reward_combined"] > best:
-                    best, bad = vrow["reward_combined"], 0
+                    best, bad, improved = vrow["reward_combined"], 0, True
                 else:
                     bad += 1
                     early = bool(c.patience) and bad >= c.patience
-            if c.save_every and it % c.save_every == 0 and it < c.iterations:
+            if improved or (c.save_every and it % c.save_every == 0 and it < c.iterations):
                 last = save(it)
+            if improved and ctx.is_main:
+                keep_best(out, last, {"iteration": it, "reward_combined": best})
             fault_injection(it)
             if flag.name is not None and it < c.iterations:
                 stopped = flag.name
@@ -750,7 +782,9 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, re
                 stopped = "early_stopping"
                 if ctx.is_main:
                     console.print(f"early stopping after iteration {it}: held-out R_c has not improved on "
-                                  f"{best:.4f} for {bad} evaluations (--patience {c.patience})")
+                                  f"{best:.4f} for {bad} evaluations (--patience {c.patience}); "
+                                  + (f"the best policy is {out / BEST_DIR} ({BEST_FILE})" if (out / BEST_DIR).is_dir()
+                                     else "no iteration beat the initial policy"))
                 break
         if not state_steps(out) or state_steps(out)[-1] != trainers["policy"].global_step:
             last = save(it)
