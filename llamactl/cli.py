@@ -971,7 +971,7 @@ def demo_cmd(
 
     Every step is a public llamactl command, printed before it runs. Run it again after Ctrl-C or a crash to continue: finished steps are kept (demo.json), an unfinished training stage resumes from its checkpoint.
 
-    Exit status: 0 when the demo finished; 130 when Ctrl-C stopped it (run it again to continue); 1 when a stage failed.
+    Exit status: 0 when the demo finished; 130 / 143 when Ctrl-C / SIGTERM stopped it after the running stage saved (run it again to continue); 1 when a stage failed or was killed.
     """
     from llamactl.stages.demo import run_demo
     from llamactl.stages.demo_plan import DemoConfig

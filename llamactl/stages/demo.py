@@ -121,6 +121,8 @@ def _argv(step: Step) -> list[str]:
 def run_command(argv: list[str]) -> int:
     """Run `llamactl argv` as a child process sharing this terminal; its exit code (Ctrl-C: the child saves
     and exits 130, then KeyboardInterrupt is raised here)."""
+    sys.stdout.flush()  # what the demo printed comes before the stage's own output (pipes are block-buffered)
+    sys.stderr.flush()
     proc = subprocess.Popen([sys.executable, "-m", "llamactl", *argv], env=dict(os.environ))
     # SIGTERM (a scheduler, `kill`) is passed on to the stage, which saves and exits 143, as Ctrl-C does
     old = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
@@ -156,7 +158,7 @@ class Eta:
     expectation on the steps finished in this invocation."""
 
     def __init__(self, steps: list[Step]):
-        self.expected = {s.name: s.cpu_seconds for s in steps}
+        self.expected = {s.name: s.seconds for s in steps}
         self.seen_expected = self.seen_actual = 0.0
 
     def done(self, name: str, seconds: float) -> None:
@@ -256,11 +258,12 @@ def finish(cfg: DemoConfig, state: dict, steps: list[Step], *, chat: bool, run) 
 
     console.rule("[bold]results[/bold]")
     summary = write_summary(cfg.out, state)
-    if not any(s.name == "report" for s in steps):
-        print_summary(cfg.out, state)
-        console.print(f"table: {summary} (`llamactl report` is not available in this build)")
+    print_summary(cfg.out, state)
+    console.print(f"these tables: {summary}")
+    if any(s.name == "report" for s in steps):
+        console.print(f"report: {cfg.out / 'report.md'} (plots in {cfg.out / 'plots'})")
     else:
-        console.print(f"report: {cfg.out / 'report.md'}")
+        console.print("`llamactl report` is not available in this build")
     console.print(f"total: {_fmt(state['seconds'])} of stage time ({state['cpu_seconds']:,.0f} CPU seconds); "
                   f"final chat model: {state['final']}")
     if chat:

@@ -33,21 +33,26 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
     suite, ev = d / "suite", d / "evals"
     rm_h, rm_s = d / "rm-helpful", d / "rm-safety"
     rl_prompts = d / "prompts" / "rl.jsonl"
-    per_family = cfg.n(24, 3)
+    per_family = cfg.n(24, 2)
     policy = d / "sft"          # the model the next stage starts from
     chain = [("sft", d / "sft")]  # (stage, model) in recipe order, for the comparisons
 
+    val_prompts, per_family_val = d / "prompts" / "val.jsonl", cfg.n(4, 1)
     if available(("rlhf", "rs")) or available(("rlhf", "ppo")):
         add("prompts", "prompts", [], rl_prompts, 1,
             extra={"python": (subset_prompts, (suite / "prompts.train.jsonl", rl_prompts, per_family)),
                    "describe": f"first {per_family} prompts of every family of {suite / 'prompts.train.jsonl'} "
                                f"-> {rl_prompts}"})
+        add("prompts-val", "prompts", [], val_prompts, 1,
+            extra={"python": (subset_prompts, (suite / "prompts.heldout.jsonl", val_prompts, per_family_val)),
+                   "describe": f"first {per_family_val} prompts of every family of {suite / 'prompts.heldout.jsonl'} "
+                               f"-> {val_prompts} (PPO's held-out reward)"})
 
     # rejection sampling: K samples per prompt scored by R_c, best kept in the pool, SFT on the pool
     if available(("rlhf", "rs")):
         rs_steps = cfg.n(30, 3)
         add("rs", "rs", ["rlhf", "rs", "--policy", policy, "--rm-helpful", rm_h, "--rm-safety", rm_s,
-                         "--prompts", rl_prompts, "--out", d / "rs", "--k", 4, "--temperature", "0.7,1.0",
+                         "--prompts", rl_prompts, "--out", d / "rs", "--k", 4 if cfg.scale >= 0.25 else 2, "--temperature", "0.7,1.0",
                          "--max-new-tokens", 24, "--seed", s, "--iteration", 1, "--steps", rs_steps, "--batch-size", 8,
                          "--seq-len", 512, "--lr", "3e-4", "--save-every", max(1, rs_steps // 2), "--keep", 2],
             d / "rs" / "rs.json", 120, train=True, extra={"run_dir": d / "rs" / "sft"})
@@ -61,8 +66,7 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
     if available(("rlhf", "ppo")):
         iters = cfg.n(12, 2)
         add("ppo", "ppo", ["rlhf", "ppo", "--policy", policy, "--rm-helpful", rm_h, "--rm-safety", rm_s,
-                           "--prompts", rl_prompts, "--val-prompts", suite / "prompts.heldout.jsonl",
-                           "--val-limit", 32, "--out", d / "ppo", "--iterations", iters, "--batch-size", 32,
+                           "--prompts", rl_prompts, "--val-prompts", val_prompts, "--out", d / "ppo", "--iterations", iters, "--batch-size", cfg.n(32, 8),
                            "--minibatch", 8, "--lr", "1e-5", "--max-new-tokens", 24, "--eval-every",
                            max(1, iters // 3), "--patience", 0, "--save-every", max(1, iters // 3), "--keep", 2,
                            "--seed", s],
@@ -82,8 +86,8 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
                              "--batch-size", 8, "--lr", "3e-4", "--save-every", max(1, gatt_steps // 2), "--keep", 2],
             d / "gatt", 120, train=True)
         add("eval-gatt-adherence", "gatt", ["gatt", "eval", "--model", d / "gatt", "--baseline", policy, "--prompts",
-                                            suite / "prompts.heldout.jsonl", "--turns", 12, "--dialogues",
-                                            cfg.n(16, 4), "--out", ev / "gatt.json"], ev / "gatt.json", 40)
+                                            suite / "prompts.heldout.jsonl", "--turns", 12 if cfg.scale >= 0.25 else 6, "--dialogues",
+                                            cfg.n(16, 2), "--out", ev / "gatt-adherence.json"], ev / "gatt-adherence.json", 40)
         policy = d / "gatt"
         evaluate("gatt", policy)
         chain.append(("gatt", policy))
@@ -96,7 +100,7 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
             f = ev / f"compare-{b}-vs-{a}.json"
             add(f"compare-{a}", "compare", ["rlhf", "compare", "--a", ma, "--b", mb, "--prompts",
                                             suite / "prompts.heldout.jsonl", "--rm-helpful", rm_h, "--rm-safety",
-                                            rm_s, "--limit", cfg.n(16, 3), "--max-new-tokens", 32, "--seed", s,
+                                            rm_s, "--limit", cfg.n(16, 2), "--max-new-tokens", 32, "--seed", s,
                                             "--out", f], f, 20)
     else:
         missing.append(("compare", "rlhf compare"))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from llamactl.errors import LlamactlError
 
-DEFAULT_MINUTES = 12.0   # the default budget: about this long on 2 idle cores (cpu_seconds below add up to it)
+DEFAULT_MINUTES = 12.0   # the default budget: about this long on 2 idle cores (the steps' `seconds` add up to it)
 SIZES = ("tiny",)        # presets the step counts are tuned for
-CHAT_PROMPT = "Reverse the words: apple river stone"
+CHAT_PROMPT = "Reverse these words: leaf book water"   # a task-suite question (the reverse family)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Step:
     stage: str                   # the recipe stage it belongs to (progress display)
     argv: list[str]              # arguments after `llamactl`
     output: Path                 # exists when the command finished (checked with `done`)
-    cpu_seconds: float           # expected at this budget, for the ETA
+    seconds: float               # expected wall seconds on 2 idle cores at this budget (the ETA)
     train: bool = False          # a training run: --resume when its run dir holds a checkpoint
     needs: tuple[str, ...] = ()  # the command path it needs, e.g. ("rlhf", "rs")
     extra: dict = field(default_factory=dict)
@@ -84,17 +84,18 @@ def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]
     steps: list[Step] = []
     missing: list[tuple[str, str]] = []
 
-    def add(name, stage, argv, output, cpu, **kw):
-        steps.append(Step(name, stage, [str(a) for a in argv], output, cpu * x if kw.get("train") else cpu, **kw))
+    def add(name, stage, argv, output, seconds, **kw):
+        steps.append(Step(name, stage, [str(a) for a in argv], output, seconds * x if kw.get("train") else seconds,
+                          **kw))
 
-    limit = cfg.n(24, 4)   # held-out prompts per family in every `eval tasks` (8 families)
-    eval_cpu = 12 + 0.1 * limit * 8
+    limit = cfg.n(24, 3)   # held-out prompts per family in every `eval tasks` (8 families)
+    eval_seconds = 12 + 0.1 * limit * 8
 
     def evaluate(stage, model, raw=False):
         add(f"eval-{stage}", stage, ["eval", "tasks", "--model", model, "--suite", suite, "--limit", limit,
                                      "--samples", 0, "--max-new-tokens", 32, "--seed", s,
                                      *(["--raw"] if raw else []), "--out", ev / f"{stage}.json"],
-            ev / f"{stage}.json", eval_cpu)
+            ev / f"{stage}.json", eval_seconds)
 
     # data: the task suite, a tokenizer trained on its pretraining text, token shards
     add("suite", "data", ["data", "tasks", "--out", suite, "--seed", s, "--overwrite"], suite / "suite.json", 3)

@@ -34,7 +34,7 @@ def score_table(demo: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def rm_table(demo: Path) -> tuple[list[str], list[list[str]]]:
-    cols = ["reward model", *RATINGS, "all", "pairs"]
+    cols = ["reward model", "significantly better", "better", "slightly better", "negligibly better", "all", "pairs"]
     rows = []
     for kind in ("helpful", "safety"):
         r = _load(demo / "evals" / f"rm-{kind}.json")
@@ -72,13 +72,20 @@ def ppo_lines(demo: Path) -> list[str]:
 
 
 def gatt_table(demo: Path) -> tuple[list[str], list[list[str]]]:
-    r = _load(demo / "evals" / "gatt.json")
+    r = _load(demo / "evals" / "gatt-adherence.json")
     if not r:
         return [], []
-    turns = r["turns"]
-    cols = ["model"] + [f"turn {t}" for t in turns]
-    rows = [[label] + [f"{a:.2f}" for a in m["adherence"]] for label, m in r["models"].items()]
-    return cols, rows
+    turns = list(r["turns"])
+    shown = [i for i, t in enumerate(turns) if t in (1, 2, 3, 5, 8, 10, 12, 15, 20) or i == len(turns) - 1]
+    late = [i for i, t in enumerate(turns) if t >= 5]
+    cols = ["model"] + [f"turn {turns[i]}" for i in shown] + (["mean, turns >= 5"] if late else [])
+
+    def row(label, adh):
+        cells = [label] + [f"{adh[i]:.2f}" if adh[i] is not None else "-" for i in shown]
+        vals = [adh[i] for i in late if adh[i] is not None]
+        return cells + ([f"{sum(vals) / len(vals):.2f}" if vals else "-"] if late else [])
+
+    return cols, [row(label, m["adherence"]) for label, m in r["models"].items()]
 
 
 def summary_markdown(demo: Path) -> str:
