@@ -180,20 +180,23 @@ def test_two_iterations_end_to_end(made, monkeypatch, capsys):
             assert p2[key] == e
     rs2 = json.loads((run2 / "rs.json").read_text())
     assert [x["iteration"] for x in rs2["iterations"]] == [1, 2]
-    # a rerun after a crash in the SFT reuses the samples (sampling would fail here) and trains again
+    # a rerun with --resume after a crash in the SFT (its last checkpoint lost) reuses the samples (sampling
+    # would fail here) and continues the SFT from its checkpoint
     import shutil
 
     import llamactl.stages.rejection as rej
 
-    shutil.rmtree(run2 / "sft")
+    assert sorted(p.name for p in (run2 / "sft").glob("step-*")) == ["step-000001", "step-000002"]
+    shutil.rmtree(run2 / "sft" / "step-000002")
     mtime = (run2 / "samples.json").stat().st_mtime_ns
 
     def boom(*a, **k):
         raise AssertionError("sampled again")
 
     monkeypatch.setattr(rej, "sample_and_score", boom)
-    assert _rs(made, run2, run1 / "sft", "--pool", pool, "--seed", 1) == 0
-    assert (run2 / "samples.json").stat().st_mtime_ns == mtime and latest(run2 / "sft") is not None
+    assert _rs(made, run2, run1 / "sft", "--pool", pool, "--seed", 1, "--resume") == 0
+    assert (run2 / "samples.json").stat().st_mtime_ns == mtime and latest(run2 / "sft").name == "step-000002"
+    assert "resuming from" in capsys.readouterr().err  # the SFT continued from its step-1 checkpoint
     assert json.loads((pool / "pool.json").read_text())["entries"] == p2
     assert json.loads((run2 / "rs.json").read_text()) == rs2
     # other settings in the same run dir are refused, naming what differs

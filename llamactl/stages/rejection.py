@@ -434,4 +434,9 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
         flags["device"] = plan.cfg.device
     par = {**plan.parallel_section, **plan.parallel_flags}
     splan = sft.resolve(flags, None, par)
-    return sft.run(splan, ctx, resume=resume, show_progress=show_progress)
+    # --resume continues the SFT when it has a checkpoint; before that there is nothing of it to resume
+    # (the sampling is reused from RUN/samples.json either way)
+    from llamactl.checkpoint import latest
+
+    resume_sft = resume and latest(plan.run_dir / "sft") is not None
+    return sft.run(splan, ctx, resume=resume_sft, show_progress=show_progress)
