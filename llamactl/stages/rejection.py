@@ -222,7 +222,7 @@ def sample_answers(model, tok, items, temperatures, *, k: int, top_p: float, max
     return out
 
 
-def score_answers(rms, items, answers, *, batch_size: int) -> list[list[list[dict]]]:
+def score_answers(rms, items, answers, *, batch_size: int, bar=None) -> list[list[list[dict]]]:
     """The rewards of every answer ({"response", "reward", "reward_helpful", "reward_safety", "usable"});
     an unusable answer (empty, or holding chat tags) is not scored and gets reward 0."""
     from llamactl.tasks.annotator import usable
@@ -230,11 +230,16 @@ def score_answers(rms, items, answers, *, batch_size: int) -> list[list[list[dic
     flat = [(i, t, j, a) for i, per in enumerate(answers) for t, row in enumerate(per) for j, a in enumerate(row)]
     ok = [f for f in flat if usable(f[3])]
     scored = {}
-    if ok:
-        r = rms.score([items[i].messages for i, _, _, _ in ok], [a for *_, a in ok],
-                      [bool(items[i].safety) for i, _, _, _ in ok], batch_size=batch_size)
-        for n, (i, t, j, _) in enumerate(ok):
+    task = bar.add_task("scoring (2 reward models)", total=len(ok)) if bar is not None else None
+    chunk = 16 * batch_size  # scored a chunk at a time, for the progress bar; the values do not depend on it
+    for c in range(0, len(ok), chunk):
+        part = ok[c:c + chunk]
+        r = rms.score([items[i].messages for i, _, _, _ in part], [a for *_, a in part],
+                      [bool(items[i].safety) for i, _, _, _ in part], batch_size=batch_size)
+        for n, (i, t, j, _) in enumerate(part):
             scored[(i, t, j)] = (float(r.combined[n]), float(r.helpful[n]), float(r.safety[n]))
+        if bar is not None:
+            bar.advance(task, len(part))
     out = [[[None] * len(row) for row in per] for per in answers]
     for i, t, j, a in flat:
         rc, rh, rs = scored.get((i, t, j), (0.0, 0.0, 0.0))
@@ -272,12 +277,12 @@ def sample_and_score(plan: Plan, ctx, items, iteration: int, show_progress: bool
         answers = sample_answers(model, tok, mine, plan.temperatures, k=c.k, top_p=c.top_p,
                                  max_new_tokens=c.max_new_tokens, seed=c.seed, iteration=iteration,
                                  first_index=ctx.dp_rank, stride=ctx.dp, batch_size=c.gen_batch, ctx=ctx, bar=bar)
-    del model
-    gc.collect()
-    rms = RewardModels.load(Path(c.rm_helpful), Path(c.rm_safety), ctx=ctx, device=device)
-    scores = score_answers(rms, mine, answers, batch_size=c.gen_batch)
-    del rms
-    gc.collect()
+        del model
+        gc.collect()
+        rms = RewardModels.load(Path(c.rm_helpful), Path(c.rm_safety), ctx=ctx, device=device)
+        scores = score_answers(rms, mine, answers, batch_size=c.gen_batch, bar=bar)
+        del rms
+        gc.collect()
     recs = [(i, {"key": prompt_key(it.messages), "messages": it.messages, "safety": bool(it.safety),
                  "fields": it.fields, "samples": sc}) for i, it, sc in zip(mine_idx, mine, scores)]
     return _gather_dp(recs, ctx)
