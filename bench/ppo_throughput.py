@@ -94,7 +94,6 @@ def main() -> None:
     from llamactl.generation import generate, load_for_generation, sequence_seed
     from llamactl.parallel.context import ParallelContext
     from llamactl.stages import ppo as stage
-    from llamactl.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     if args.policy is None:
@@ -109,9 +108,7 @@ def main() -> None:
     c = plan.cfg
     ctx = ParallelContext.single()
     m = stage.load_models(plan, ctx, "cpu")
-    tcfg = stage._train_config(c, plan)
-    trainers = {"policy": Trainer(m.policy, ctx, tcfg, stage.policy_loss_fn(m.policy, ctx, c.cliprange)),
-                "value": Trainer(m.value, ctx, tcfg, stage.value_loss_fn(c.cliprange_value))}
+    trainers = stage.make_trainers(m, plan)
     items = list(read_prompts(Path(c.prompts)))
     prompts = stage.encode_prompts(m.tok, items, plan.model.max_seq_len, c.max_new_tokens, "--prompts")
     order = stage.PromptOrder(len(prompts), c.seed)

@@ -283,6 +283,27 @@ def test_early_stopping_on_held_out_reward(ppo_inputs, tmp_path, one_thread):
     assert not (tmp_path / "es" / "best").exists()  # nothing beat the initial policy
 
 
+def test_freeze_policy_trains_only_the_value_model(ppo_inputs, tmp_path, one_thread):
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.stages import ppo as stage
+
+    res = stage.run(stage.resolve(_flags(ppo_inputs, tmp_path / "fz", iterations=1, freeze_policy=1, value_lr=1e-2)),
+                    ParallelContext.single(), show_progress=False)
+    assert res.rows[0]["policy_frozen"] is True and res.rows[0]["grad_norm"] == 0.0
+    init = {}
+    from safetensors.torch import load_file
+
+    for f in Path(ppo_inputs[1]).glob("*.safetensors"):
+        init.update(load_file(f))
+    after = _weights(tmp_path / "fz", "policy")
+    assert all(torch.equal(init[k].float(), after[k].float()) for k in init)
+    v0 = {}
+    for f in Path(ppo_inputs[2]).glob("*.safetensors"):
+        v0.update(load_file(f))
+    v1 = _weights(tmp_path / "fz", "value")
+    assert any(not torch.equal(v0[k].float(), v1[k].float()) for k in v0)
+
+
 def test_dry_run_70b_prints_the_plan_without_checkpoints(capsys):
     from llamactl.cli import main
 
@@ -301,11 +322,7 @@ def _tp_worker(rank, world, flags, out_root):
         plan = stage.resolve({**flags, "out": str(Path(out_root) / tag)})
         plan.parallel.tp = ctx.tp
         m = stage.load_models(plan, ctx, "cpu")
-        tcfg = stage._train_config(plan.cfg, plan)
-        from llamactl.trainer import Trainer
-
-        trainers = {"policy": Trainer(m.policy, ctx, tcfg, stage.policy_loss_fn(m.policy, ctx, plan.cfg.cliprange)),
-                    "value": Trainer(m.value, ctx, tcfg, stage.value_loss_fn(plan.cfg.cliprange_value))}
+        trainers = stage.make_trainers(m, plan)
         from llamactl.chat_data import read_prompts
 
         items = list(read_prompts(Path(plan.cfg.prompts)))

@@ -63,6 +63,8 @@ class PPOConfig:
     micro_batch: int = 8              # rows per forward / backward
     ppo_epochs: int = 1               # passes over an iteration's rollouts
     lr: float = PAPER_LR              # constant
+    value_lr: Optional[float] = None  # value model's lr (default: lr)
+    freeze_policy: int = 0            # first iterations train only the value model (its baseline settles first)
     weight_decay: float = 0.1
     clip: float = 1.0                 # gradient-norm clip
     beta: Optional[float] = None      # KL coefficient (default per size)
@@ -117,7 +119,7 @@ def default_beta(size: str, cfg: ModelConfig) -> float:
 
 
 def _check(c: PPOConfig) -> None:
-    ints = {"iterations": 1, "batch_size": 1, "minibatch": 1, "micro_batch": 1, "ppo_epochs": 1, "max_new_tokens": 1,
+    ints = {"iterations": 1, "freeze_policy": 0, "batch_size": 1, "minibatch": 1, "micro_batch": 1, "ppo_epochs": 1, "max_new_tokens": 1,
             "rollout_batch": 0, "eval_every": 0, "val_limit": 0, "patience": 0, "save_every": 0, "keep": 1, "seed": 0}
     for name, low in ints.items():
         v = getattr(c, name)
@@ -129,6 +131,8 @@ def _check(c: PPOConfig) -> None:
             raise LlamactlError(f"{name} must be a number >= 0, got {v!r} (--{name.replace('_', '-')})")
     if c.lr <= 0:
         raise LlamactlError(f"learning rate must be > 0, got {c.lr} (--lr)")
+    if c.value_lr is not None and (not math.isfinite(c.value_lr) or c.value_lr <= 0):
+        raise LlamactlError(f"value learning rate must be > 0, got {c.value_lr} (--value-lr)")
     if not 0 < c.top_p <= 1:
         raise LlamactlError(f"top_p must be in (0, 1], got {c.top_p} (--top-p)")
     if c.lam > 1 or c.gamma > 1:
@@ -552,6 +556,7 @@ def iteration(m: Models, trainers: dict, items, prompts: list[list[int]], rows: 
            float(((ret - values) * mask).sum()), float(((ret - values) ** 2 * mask).sum())]
     t2 = time.perf_counter()
     per_rank_mb = c.minibatch // ctx.dp
+    frozen = it < c.freeze_policy
     sums: dict[str, float] = {}
     n_steps = 0
     train_tokens = 0
@@ -559,7 +564,11 @@ def iteration(m: Models, trainers: dict, items, prompts: list[list[int]], rows: 
         perm = np.random.default_rng([c.seed, it, ep, ctx.dp_rank]).permutation(len(idx)).tolist()
         for k in range(0, len(perm), per_rank_mb):
             mb = make_batches(data, perm[k:k + per_rank_mb], c.micro_batch)
-            po = trainers["policy"].step(mb)
+            if frozen:  # the policy's loss and metrics on this minibatch, no update
+                po = trainers["policy"].evaluate(mb)
+                po.grad_norm, po.lr, po.tokens = 0.0, 0.0, 0
+            else:
+                po = trainers["policy"].step(mb)
             vo = trainers["value"].step(mb)
             n_steps += 1
             train_tokens += po.tokens
@@ -585,7 +594,7 @@ def iteration(m: Models, trainers: dict, items, prompts: list[list[int]], rows: 
            "explained_var": (1.0 - var_d / var_r) if var_r > 0 else float("nan"),
            "response_len": ln / n, "truncated_frac": tr / n, "rollout_tokens": int(gen_all),
            "rollout_tokens_per_s": gen_all / max(t1 - t0, 1e-9),
-           "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2}
+           "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "policy_frozen": frozen}
     return row
 
 
@@ -603,12 +612,21 @@ def encode_prompts(tok, items, limit: int, max_new: int, flag: str) -> list[list
     return out
 
 
-def _train_config(c: PPOConfig, plan: Plan):
+def _train_config(c: PPOConfig, plan: Plan, lr: float | None = None):
     from llamactl.trainer import TrainConfig
 
-    return TrainConfig(steps=c.iterations * plan.steps_per_iteration, lr=c.lr, warmup=0, schedule="constant",
+    return TrainConfig(steps=c.iterations * plan.steps_per_iteration, lr=lr or c.lr, warmup=0, schedule="constant",
                        weight_decay=c.weight_decay, clip=c.clip, keep=c.keep, seed=c.seed, zero=plan.parallel.zero,
                        save_dtype=c.save_dtype)
+
+
+def make_trainers(m: "Models", plan: Plan) -> dict:
+    """The policy's and the value model's Trainer (AdamW as the paper, constant lr; --value-lr for the value)."""
+    from llamactl.trainer import Trainer
+
+    c = plan.cfg
+    return {"policy": Trainer(m.policy, m.ctx, _train_config(c, plan), policy_loss_fn(m.policy, m.ctx, c.cliprange)),
+            "value": Trainer(m.value, m.ctx, _train_config(c, plan, c.value_lr), value_loss_fn(c.cliprange_value))}
 
 
 def load_models(plan: Plan, ctx, device: str, reward_models=None) -> Models:
@@ -705,9 +723,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, re
     if c.val_limit:
         val_items = val_items[:c.val_limit]
     val_prompts = encode_prompts(m.tok, val_items, plan.model.max_seq_len, c.max_new_tokens, "--val-prompts")
-    tcfg = _train_config(c, plan)
-    trainers = {"policy": Trainer(m.policy, ctx, tcfg, policy_loss_fn(m.policy, ctx, c.cliprange)),
-                "value": Trainer(m.value, ctx, tcfg, value_loss_fn(c.cliprange_value))}
+    trainers = make_trainers(m, plan)
     order = PromptOrder(len(prompts), c.seed)
     start, best, bad = 0, -math.inf, 0
     metrics = out / "metrics.jsonl"
@@ -767,7 +783,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, re
                 rows.append(vrow)
                 if vrow["reward_combined"] > best:
                     best, bad, improved = vrow["reward_combined"], 0, True
-                else:
+                elif it > c.freeze_policy:  # an unchanged (frozen) policy is not a failure to improve
                     bad += 1
                     early = bool(c.patience) and bad >= c.patience
             if improved or (c.save_every and it % c.save_every == 0 and it < c.iterations):
