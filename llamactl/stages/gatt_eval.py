@@ -81,10 +81,11 @@ def run_eval(models: dict[str, Path], cfg, *, out: Optional[Path] = None, device
     from llamactl.ui import console, table
 
     check_config(cfg)
+    flag = {label: {"gatt": "--model", "baseline": "--baseline"}.get(label, "--also") for label in models}
     for label, path in models.items():
         if not Path(path).exists():
-            raise LlamactlError(f"checkpoint not found ({path}, --{'model' if label == 'gatt' else label})")
-    ckpts = {label: checkpoint.resolve(p, "--model") for label, p in models.items()}
+            raise LlamactlError(f"checkpoint not found ({path}, {flag[label]})")
+    ckpts = {label: checkpoint.resolve(p, flag[label]) for label, p in models.items()}
     items = load_records(Path(cfg.prompts), "prompts", "--prompts")
     pool, user = instruction_pool(cfg, items)
     dialogues = plan_dialogues(pool, [it.prompt for it in items], dialogues=cfg.dialogues, turns=cfg.turns,
