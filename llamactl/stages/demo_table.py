@@ -45,11 +45,22 @@ def rm_table(demo: Path) -> tuple[list[str], list[list[str]]]:
             return "-" if v is None else f"{100 * v:.1f} %"
 
         row = [f"rm-{kind}", *[pct(r["buckets"][b]["accuracy"]) for b in RATINGS], pct(r["accuracy"]), str(r["pairs"])]
-        s = r.get("safety")
-        if s:
-            row[0] += f" (unsafe detector: precision {pct(s.get('precision'))}, recall {pct(s.get('recall'))})"
         rows.append(row)
     return cols, rows
+
+
+def detector_line(demo: Path) -> str:
+    """The safety RM as an unsafe detector (sigma(score) < 0.15), when its eval checked it."""
+    s = (_load(demo / "evals" / "rm-safety.json") or {}).get("safety")
+    if not s:
+        return ""
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f} %"
+
+    return (f"rm-safety as an unsafe detector (sigma(score) < {s.get('threshold')}): precision "
+            f"{pct(s.get('precision'))}, recall {pct(s.get('recall'))} ({s.get('unsafe')} unsafe of "
+            f"{s.get('responses')} responses)")
 
 
 def ppo_lines(demo: Path) -> list[str]:
@@ -98,6 +109,8 @@ def summary_markdown(demo: Path) -> str:
     text = "# llamactl demo: results\n\nHeld-out ground-truth score per family (greedy), after each stage:\n\n"
     text += md(*score_table(demo))
     text += "Reward models, held-out accuracy per rating:\n\n" + md(*rm_table(demo))
+    if detector_line(demo):
+        text += detector_line(demo) + "\n\n"
     text += "".join(f"{x}\n\n" for x in ppo_lines(demo))
     g = gatt_table(demo)
     if g[1]:
@@ -124,6 +137,8 @@ def print_summary(demo: Path, state: dict) -> None:
     cols, rows = rm_table(demo)
     if rows:
         console.print(table("reward models: held-out accuracy per rating", cols, rows))
+    if detector_line(demo):
+        console.print(detector_line(demo))
     for line in ppo_lines(demo):
         console.print(line)
     cols, rows = gatt_table(demo)
