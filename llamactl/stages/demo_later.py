@@ -55,7 +55,7 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
                          "--prompts", rl_prompts, "--out", d / "rs", "--k", 4 if cfg.scale >= 0.25 else 2, "--temperature", "0.7,1.0",
                          "--max-new-tokens", 24, "--seed", s, "--iteration", 1, "--steps", rs_steps, "--batch-size", 8,
                          "--seq-len", 512, "--lr", "3e-4", "--save-every", max(1, rs_steps // 2), "--keep", 2],
-            d / "rs" / "rs.json", 120, train=True, extra={"run_dir": d / "rs" / "sft"})
+            d / "rs" / "rs.json", 65, train=True, extra={"run_dir": d / "rs" / "sft"})
         policy = d / "rs" / "sft"
         evaluate("rs", policy)
         chain.append(("rs", policy))
@@ -70,7 +70,7 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
                            "--minibatch", 8, "--lr", "1e-5", "--max-new-tokens", 24, "--eval-every",
                            max(1, iters // 3), "--patience", 0, "--save-every", max(1, iters // 3), "--keep", 2,
                            "--seed", s],
-            d / "ppo" / "policy", 150, train=True, extra={"run_dir": d / "ppo", "runstate": True})
+            d / "ppo" / "policy", 45, train=True, extra={"run_dir": d / "ppo", "runstate": True})
         policy = d / "ppo" / "policy"
         evaluate("ppo", policy)
         chain.append(("ppo", policy))
@@ -84,7 +84,7 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
         add("gatt", "gatt", ["gatt", "train", "--model", policy, "--prompts", rl_prompts, "--out", d / "gatt",
                              "--dialogues", cfg.n(48, 4), "--turns", 8, "--seed", s, "--steps", gatt_steps,
                              "--batch-size", 8, "--lr", "3e-4", "--save-every", max(1, gatt_steps // 2), "--keep", 2],
-            d / "gatt", 120, train=True)
+            d / "gatt", 70, train=True)
         add("eval-gatt-adherence", "gatt", ["gatt", "eval", "--model", d / "gatt", "--baseline", policy, "--prompts",
                                             suite / "prompts.heldout.jsonl", "--turns", 12 if cfg.scale >= 0.25 else 6, "--dialogues",
                                             cfg.n(16, 2), "--out", ev / "gatt-adherence.json"], ev / "gatt-adherence.json", 40)
@@ -101,7 +101,7 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
             add(f"compare-{a}", "compare", ["rlhf", "compare", "--a", ma, "--b", mb, "--prompts",
                                             suite / "prompts.heldout.jsonl", "--rm-helpful", rm_h, "--rm-safety",
                                             rm_s, "--limit", cfg.n(16, 2), "--max-new-tokens", 32, "--seed", s,
-                                            "--out", f], f, 20)
+                                            "--out", f], f, 33)
     else:
         missing.append(("compare", "rlhf compare"))
 

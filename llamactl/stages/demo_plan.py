@@ -109,7 +109,7 @@ def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]
     add("pretrain", "pretrain", ["pretrain", "--size", cfg.size, "--data", data, "--out", d / "pretrain",
                                  "--steps", pt_steps, "--seq-len", 512, "--batch-tokens", 4096, "--micro-batch", 8,
                                  "--save-every", max(1, pt_steps // 4), "--keep", 2, "--eval-tokens", 4096,
-                                 "--seed", s], d / "pretrain", 240, train=True)
+                                 "--seed", s], d / "pretrain", 300, train=True)
     evaluate("pretrain", d / "pretrain", raw=True)
 
     # supervised fine-tuning on the suite's SFT set
@@ -117,7 +117,7 @@ def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]
     add("sft", "sft", ["sft", "--init", d / "pretrain", "--data", suite / "sft.train.jsonl", "--out", d / "sft",
                        "--steps", sft_steps, "--seq-len", 512, "--batch-size", 8, "--micro-batch", 8, "--lr", "1e-3",
                        "--save-every", max(1, sft_steps // 4), "--keep", 2, "--seed", s],
-        d / "sft", 180, train=True)
+        d / "sft", 200, train=True)
     evaluate("sft", d / "sft")
 
     # the simulated annotator: pairs from the SFT policy (helpfulness), SFT against pretrained (safety)
