@@ -4,7 +4,7 @@
 # reward models, rejection sampling, PPO, GAtt, report), every step a printed `llamactl` command, ending
 # with the table of held-out scores per stage, the report's path and a one-shot chat answer.
 # Re-running continues where it stopped (Ctrl-C or a crash): finished stages are kept.
-#   MINUTES=30 bash scripts/demo.sh      # a longer budget (default 12 on 2 idle cores);  DEMO_DIR=... elsewhere
+#   MINUTES=30 bash scripts/demo.sh      # a longer budget (nominal minutes, default 12);  DEMO_DIR=... elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
