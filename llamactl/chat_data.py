@@ -232,9 +232,6 @@ def parse_response(obj: dict, at: Line) -> ResponseItem:
     return ResponseItem(prompt, response, str(at), {k: v for k, v in obj.items() if k not in used})
 
 
-_Line, _prompt = Line, prompt_messages  # the names stages/reward_eval.py imports
-
-
 # ---- files --------------------------------------------------------------------------------------------
 T = TypeVar("T")
 PARSERS: dict[str, Callable[[dict, Line], object]] = {

@@ -136,6 +136,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise LlamactlError(f"config file is not valid TOML: {e} ({p})") from None
 
 
+def load_sections(config_file: str | Path | None, sections: tuple[str, ...]) -> dict[str, Any]:
+    """A stage's --config file (empty without one); a section the stage does not read is an error."""
+    file = load_toml(config_file) if config_file else {}
+    unknown = set(file) - set(sections)
+    if unknown:
+        use = ", ".join(f"[{s}]" for s in sections)
+        raise LlamactlError(f"unknown sections {sorted(unknown)} (--config {config_file}); use {use}")
+    return file
+
+
+def section_config(default: Any, section: str, file: dict[str, Any], flags: dict[str, Any],
+                   config_file: str | Path | None) -> Any:
+    """default <- the file's [section] <- the flags the user gave (None: not given)."""
+    c = apply_overrides(default, file.get(section, {}), f"[{section}] in {config_file}")
+    return apply_overrides(c, {k: v for k, v in flags.items() if v is not None}, "flags")
+
+
 def apply_overrides(obj: Any, values: dict[str, Any], where: str) -> Any:
     """Return a copy of dataclass obj with values set, rejecting unknown keys by name. Later layers go on top
     of earlier ones: preset <- config file <- flags (pass only the flags the user gave)."""

@@ -53,3 +53,21 @@ def test_roundtrip_dict_and_toml():
     import tomllib
 
     assert tomllib.loads(dump_toml({"model": cfg}))["model"]["ffn_dim_multiplier"] == 1.3
+
+
+def test_stage_sections_file_then_flags(tmp_path):
+    """One resolver for every chat stage: a section the stage does not read is refused; flags given win over
+    the file's [stage] section, flags not given (None) leave it."""
+    from llamactl.config import load_sections, section_config
+    from llamactl.stages.sft import SFTConfig
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sft]\nlr = 0.5\n[nope]\nx = 1\n")
+    with pytest.raises(LlamactlError, match=r"unknown sections \['nope'\] .*use \[sft\], \[parallel\]"):
+        load_sections(bad, ("sft", "parallel"))
+    good = tmp_path / "good.toml"
+    good.write_text("[sft]\nlr = 0.5\nepochs = 3\n")
+    file = load_sections(good, ("sft", "parallel"))
+    c = section_config(SFTConfig(), "sft", file, {"lr": 0.25, "epochs": None}, good)
+    assert (c.lr, c.epochs, c.batch_size) == (0.25, 3, SFTConfig().batch_size)
+    assert load_sections(None, ("sft",)) == {}

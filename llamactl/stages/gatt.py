@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from llamactl.config import ModelConfig, ParallelConfig, load_toml
+from llamactl.config import ModelConfig, ParallelConfig, load_sections, section_config
 from llamactl.errors import LlamactlError
 
 SECTIONS = ("gatt", "sft", "parallel")
@@ -202,19 +202,14 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: di
     """defaults <- config file ([gatt], [sft], [parallel]) <- flags; builds (or reuses) the data, then the SFT
     plan on it. flags holds GattConfig keys, SFT keys, and `dry_run` / `resume` (how the data is treated)."""
     from llamactl import checkpoint
-    from llamactl.config import apply_overrides
     from llamactl.stages import sft
     from llamactl.stages.runner import resolve_parallel
 
     flags = dict(flags)
     dry_run, resume = bool(flags.pop("dry_run", False)), bool(flags.pop("resume", False))
-    file = load_toml(config_file) if config_file else {}
-    unknown = set(file) - set(SECTIONS)
-    if unknown:
-        raise LlamactlError(f"unknown sections {sorted(unknown)} (--config {config_file}); use [gatt], [sft], [parallel]")
+    file = load_sections(config_file, SECTIONS)
     names = {f.name for f in fields(GattConfig)}
-    cfg = apply_overrides(GattConfig(), file.get("gatt", {}), f"[gatt] in {config_file}")
-    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if k in names and v is not None}, "flags")
+    cfg = section_config(GattConfig(), "gatt", file, {k: v for k, v in flags.items() if k in names}, config_file)
     sft_flags = {**file.get("sft", {}), **{k: v for k, v in flags.items() if k not in names and v is not None}}
     check_config(cfg)
     if not cfg.model:

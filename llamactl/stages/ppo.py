@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from llamactl.config import ModelConfig, ParallelConfig, apply_overrides, load_toml
+from llamactl.config import ModelConfig, ParallelConfig, apply_overrides, load_sections, section_config
 from llamactl.errors import LlamactlError
 # one iteration's pieces live in ppo_iteration.py; re-exported here for the tests and bench/ppo_throughput.py
 from llamactl.stages.ppo_iteration import (Models, PPOBatch, PromptOrder, decode_copy, drop_packed_weights,  # noqa: F401
@@ -169,12 +169,8 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: di
     from llamactl.config import PRESETS
     from llamactl.stages.runner import resolve_parallel
 
-    file = load_toml(config_file) if config_file else {}
-    unknown = set(file) - set(SECTIONS)
-    if unknown:
-        raise LlamactlError(f"unknown sections {sorted(unknown)} (--config {config_file}); use [ppo], [parallel]")
-    c = apply_overrides(PPOConfig(), file.get("ppo", {}), f"[ppo] in {config_file}")
-    c = apply_overrides(c, {k: v for k, v in flags.items() if v is not None}, "flags")
+    file = load_sections(config_file, SECTIONS)
+    c = section_config(PPOConfig(), "ppo", file, flags, config_file)
     par = resolve_parallel(file.get("parallel", {}), parallel or {}, config_file)
     _check(c)
     if c.size is not None and c.size not in PRESETS:

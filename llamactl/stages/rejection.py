@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llamactl.config import ModelConfig, ParallelConfig, apply_overrides, load_toml
+from llamactl.config import ModelConfig, ParallelConfig, apply_overrides, load_sections, section_config
 from llamactl.errors import LlamactlError
 
 SECTIONS = ("rs", "sft", "parallel")
@@ -102,12 +102,8 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: di
     from llamactl.stages.runner import resolve_parallel
     from llamactl.stages.sft import SFTConfig, _check_given
 
-    file = load_toml(config_file) if config_file else {}
-    unknown = set(file) - set(SECTIONS)
-    if unknown:
-        raise LlamactlError(f"unknown sections {sorted(unknown)} (--config {config_file}); use [rs], [sft], [parallel]")
-    c = apply_overrides(RSConfig(), file.get("rs", {}), f"[rs] in {config_file}")
-    c = apply_overrides(c, {k: v for k, v in flags.items() if v is not None}, "flags")
+    file = load_sections(config_file, SECTIONS)
+    c = section_config(RSConfig(), "rs", file, flags, config_file)
     sft = {**file.get("sft", {}), **{k: v for k, v in (sft_flags or {}).items() if v is not None}}
     for owned in ("init", "data", "out"):
         if owned in sft:

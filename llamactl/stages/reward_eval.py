@@ -158,7 +158,7 @@ def table8_rows(res: dict) -> tuple[list[str], list[list[str]]]:
 
 def run_score(model_dir, data, out, *, batch_size: int = 16, device: str = "auto") -> int:
     """Score {"prompt"|"messages", "response"} lines; write them with "score" and "sigmoid_score" (atomically)."""
-    from llamactl.chat_data import _Line, _prompt, write_jsonl
+    from llamactl.chat_data import Line, prompt_messages, write_jsonl
     from llamactl.stages.reward import encode_response
     from llamactl.textfiles import iter_jsonl
 
@@ -170,8 +170,8 @@ def run_score(model_dir, data, out, *, batch_size: int = 16, device: str = "auto
         raise LlamactlError(f"{out} is a directory (--out names a file)")
     rows, items = [], []
     for lineno, obj in iter_jsonl(Path(data), "--data"):
-        at = _Line(Path(data), lineno, "--data")
-        prompt, _ = _prompt(obj, at)
+        at = Line(Path(data), lineno, "--data")
+        prompt, _ = prompt_messages(obj, at)
         items.append((prompt, at.text(obj, "response"), str(at)))
         rows.append(obj)
     if not rows:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamactl.config import ModelConfig, ParallelConfig, apply_overrides, load_toml
+from llamactl.config import ModelConfig, ParallelConfig, load_sections, section_config
 from llamactl.errors import LlamactlError
 
 PAPER_SEQ_LEN = 4096
@@ -178,12 +178,8 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None,
     from llamactl.stages.runner import resolve_parallel
     from llamactl.tokenizer import Tokenizer
 
-    file = load_toml(config_file) if config_file else {}
-    unknown = set(file) - set(SECTIONS)
-    if unknown:
-        raise LlamactlError(f"unknown sections {sorted(unknown)} (--config {config_file}); use [sft], [parallel]")
-    cfg = apply_overrides(SFTConfig(), file.get("sft", {}), f"[sft] in {config_file}")
-    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "flags")
+    file = load_sections(config_file, SECTIONS)
+    cfg = section_config(SFTConfig(), "sft", file, flags, config_file)
     par = resolve_parallel(file.get("parallel", {}), parallel or {}, config_file)
     _check_given(cfg)
     if not cfg.init:
