@@ -230,6 +230,9 @@ def test_gatt_train_and_eval_commands(made, tmp_path, capsys):
         assert all(c.check(m["content"]) for m in ex.messages[2::2])
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("split") != "val"] == [1, 2]
+    from llamactl.checkpoint import latest
+
+    assert json.loads((latest(run) / "llamactl.json").read_text())["stage"] == "gatt"
     # a second call on the same run dir refuses to train over it before sampling anything
     with pytest.raises(SystemExit) as e:
         main(args)

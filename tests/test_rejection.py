@@ -162,7 +162,8 @@ def test_two_iterations_end_to_end(made, monkeypatch, capsys):
     assert it["pool_size"] == len(p1) == len((run1 / "sft_data.jsonl").read_text().splitlines())
     ck1 = latest(run1 / "sft")
     assert ck1 is not None and ck1.name == "step-000002"
-    assert json.loads((ck1 / "llamactl.json").read_text())["extra"]["data"] == str(run1 / "sft_data.jsonl")
+    meta1 = json.loads((ck1 / "llamactl.json").read_text())
+    assert meta1["extra"]["data"] == str(run1 / "sft_data.jsonl") and meta1["stage"] == "rs"
 
     # iteration 2 from the fine-tuned policy into the same pool: entries only ever improve
     # (and without matplotlib: tables only, the hint printed once)

@@ -277,4 +277,4 @@ def run(plan: GattPlan, ctx, *, resume: bool = False, show_progress: bool = True
 
     if ctx.is_main and not resume:
         console.print(table("GAtt data", ["", "value"], data_rows(plan.data)))
-    return sft.run(plan.sft, ctx, resume=resume, show_progress=show_progress)
+    return sft.run(plan.sft, ctx, resume=resume, show_progress=show_progress, stage="gatt")

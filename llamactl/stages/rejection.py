@@ -440,4 +440,4 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
     from llamactl.checkpoint import latest
 
     resume_sft = resume and latest(plan.run_dir / "sft") is not None
-    return sft.run(splan, ctx, resume=resume_sft, show_progress=show_progress)
+    return sft.run(splan, ctx, resume=resume_sft, show_progress=show_progress, stage="rs")

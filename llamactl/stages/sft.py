@@ -291,8 +291,9 @@ def _check_resume(run_dir: Path, extra: dict) -> None:
             raise LlamactlError(f"cannot resume exactly: {what} the run's ({ckpt}, {flag})")
 
 
-def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
-    """Build this rank's model from --init (or the run's latest checkpoint with resume), train, validate."""
+def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, stage: str = "sft"):
+    """Build this rank's model from --init (or the run's latest checkpoint with resume), train, validate.
+    stage: what the checkpoint records (rejection sampling and GAtt train through here as "rs" / "gatt")."""
     import torch
 
     from llamactl import checkpoint
@@ -326,7 +327,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
              "samples": plan.stats.samples, "answer_tokens": plan.stats.answer_tokens}
     if resume:
         _check_resume(Path(c.out), extra)
-    result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), inputs=inputs, tokenizer=plan.tokenizer, stage="sft",
+    result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), inputs=inputs, tokenizer=plan.tokenizer, stage=stage,
                  resume=resume, flops_per_token=model_flops_per_token(plan.model, c.seq_len),
                  config_sections={"sft": c, "model": plan.model, "parallel": plan.parallel},
                  extra_meta=extra,
