@@ -1043,6 +1043,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail(f"{type(e).__name__}: {one_line(str(e))} (run with --debug for the traceback)", 1, user=False)
     if isinstance(code, int) and code:  # typer.Exit(n) and Ctrl-C (130) come back as a return value
         raise SystemExit(code)
+    # every rank finished: leave the process group together. Left to interpreter exit, gloo's threads are
+    # torn down by static destructors and a rank can abort ("terminate called without an active exception")
+    from llamactl.parallel.launch import shutdown
+
+    shutdown()
 
 
 
