@@ -108,6 +108,12 @@ def _stage_parameters(sections: tuple[str, ...]) -> list[inspect.Parameter]:
         _option("pp", Optional[int], None, "--pp", help="Pipeline-parallel degree (default 1)."),
         _option("nproc", Optional[int], None, "--nproc", help="Processes (GPUs) on this node; > 1 re-launches through torchrun (default 1)."),
         _option("zero", Optional[bool], None, "--zero/--no-zero", help="ZeRO-1: shard the AdamW state over data parallel (default off)."),
+        _option("sequence_parallel", Optional[bool], None, "--sequence-parallel/--no-sequence-parallel",
+                help="Megatron sequence parallelism: norms and residuals split along the sequence in the tp group (default: on when --tp > 1)."),
+        _option("virtual_stages", Optional[int], None, "--virtual-stages",
+                help="Interleaved 1F1B: model chunks per pipeline rank; the bubble falls V-fold (default 1)."),
+        _option("overlap_grad_reduce", Optional[bool], None, "--overlap-grad-reduce/--no-overlap-grad-reduce",
+                help="Reduce data-parallel gradient buckets from backward hooks as they fill (default on)."),
         _option("nnodes", Optional[int], None, "--nnodes", help="Nodes (run the same command on each; passed to torchrun; default 1)."),
         _option("node_rank", int, 0, "--node-rank", help="This node's rank, 0..nnodes-1 (passed to torchrun)."),
         _option("master_addr", Optional[str], None, "--master-addr", help="Address of node 0 (passed to torchrun)."),
@@ -129,7 +135,8 @@ def stage_command(*sections: str):
         def command(*args, **kwargs):
             v = {k: kwargs.pop(k) for k in names}
             launch = LaunchOptions(tp=v["tp"], pp=v["pp"], nproc=v["nproc"], nnodes=v["nnodes"], zero=v["zero"],
-                                   node_rank=v["node_rank"], master_addr=v["master_addr"], master_port=v["master_port"])
+                                   sequence_parallel=v["sequence_parallel"], virtual_stages=v["virtual_stages"],
+                                   overlap_grad_reduce=v["overlap_grad_reduce"], node_rank=v["node_rank"], master_addr=v["master_addr"], master_port=v["master_port"])
             return fn(*args, opts=StageOptions(v["config"], v["dry_run"], v["resume"], launch), **kwargs)
 
         command.__signature__ = sig.replace(parameters=own + extra)

@@ -107,6 +107,14 @@ class ParallelConfig:
     nnodes: int = 1
     zero: bool = False
     microbatches: int | None = None  # pipeline micro-batches per step (default: pp * 2)
+    sequence_parallel: bool | None = None  # Megatron-SP inside the tp group; None: on when tp > 1
+    virtual_stages: int = 1  # interleaved 1F1B: model chunks per pipeline rank (1: plain 1F1B)
+    overlap_grad_reduce: bool = True  # dp gradient buckets reduced from backward hooks as they fill
+
+    @property
+    def sp(self) -> bool:
+        """Whether sequence parallelism is on (the default: whenever tp > 1)."""
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel and self.tp > 1)
 
     @property
     def world(self) -> int:
@@ -123,6 +131,10 @@ class ParallelConfig:
         check_layout(self.tp, self.pp, nproc=self.nproc, nnodes=self.nnodes)
         if not isinstance(self.zero, bool):
             raise LlamactlError(f"zero must be true or false, got {self.zero!r} (--zero)")
+        if not isinstance(self.virtual_stages, int) or self.virtual_stages < 1:
+            raise LlamactlError(f"virtual stages must be an integer >= 1, got {self.virtual_stages!r} (--virtual-stages)")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise LlamactlError(f"--virtual-stages {self.virtual_stages} needs pipeline parallelism (--pp > 1)")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -26,13 +26,17 @@ class LaunchOptions:
     nproc: int | None = None
     nnodes: int | None = None
     zero: bool | None = None
+    sequence_parallel: bool | None = None
+    virtual_stages: int | None = None
+    overlap_grad_reduce: bool | None = None
     node_rank: int = 0
     master_addr: str | None = None
     master_port: int | None = None
 
     def parallel_flags(self) -> dict[str, Any]:
         """The flags that are part of the run's [parallel] config, as given."""
-        return {k: getattr(self, k) for k in ("tp", "pp", "nproc", "nnodes", "zero") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ("tp", "pp", "nproc", "nnodes", "zero", "sequence_parallel", "virtual_stages",
+                                             "overlap_grad_reduce") if getattr(self, k) is not None}
 
 
 def resolve_parallel(section: dict[str, Any], flags: dict[str, Any], config_file: Path | None = None) -> ParallelConfig:
