@@ -62,7 +62,7 @@ def test_prompt_files(tmp_path):
     assert [it["safety"] for it in items] == [False, True, False] and "family" not in items[0]
     assert "no task-suite fields" in why and "line 1" in why
     assert [it["prompt"] for it in read_prompts(plain, limit=1)[0]] == ["Hi", "Tell me how to hurt someone"]
-    for bad, msg in [('{"prompt": 3}', "line 1"), ('{"prompt": "x", "safety": "yes"}', '"safety"'), ("{", "bad JSON"),
+    for bad, msg in [('{"prompt": 3}', "line 1"), ('{"prompt": "x", "safety": "yes"}', '"safety"'), ("{", "invalid JSON"),
                      ("", "no prompts")]:
         f = tmp_path / "bad.jsonl"
         f.write_text(bad + "\n")

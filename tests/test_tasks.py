@@ -269,7 +269,7 @@ GOOD = {"family": "arithmetic", "prompt": "What is 1 + 2?", "answer": "3", "safe
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", "bad JSON"),
+    ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "answer"}), 'missing field "answer"'),
     (json.dumps({**GOOD, "family": "poetry"}), "unknown family 'poetry'"),
@@ -290,7 +290,7 @@ def test_load_items_errors_name_file_and_line(tmp_path, line, message):
     with pytest.raises(LlamactlError, match=message) as e:
         load_items(p)
     msg = str(e.value)
-    assert "\n" not in msg and f"{p}, line 3" in msg
+    assert "\n" not in msg and (f"{p}, line 3" in msg or f"{p}:3" in msg)  # JSON errors: textfiles.iter_jsonl's form
 
 
 def test_load_items_missing_and_empty_files(tmp_path):

@@ -72,20 +72,15 @@ def read_prompts(path, limit: Optional[int] = None) -> tuple[list[dict], Optiona
     prompts of each family (of each kind without families)."""
     from llamactl.stages.eval_tasks import limit_per_family
     from llamactl.tasks import load_items
+    from llamactl.textfiles import iter_jsonl
 
     path = Path(path)
     if not path.is_file():
         raise LlamactlError(f"prompts file not found: {path} (--prompts)")
     recs, missing = [], None
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj in iter_jsonl(path, "--prompts"):
         where = f"{path}, line {n}, --prompts"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlamactlError(f"bad JSON: {e.msg} ({where})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
             raise LlamactlError(f'each line needs "prompt", a non-empty string ({where})')
         if not isinstance(obj.get("safety", False), bool):
             raise LlamactlError(f'field "safety" must be true or false ({where})')

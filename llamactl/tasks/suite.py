@@ -254,23 +254,12 @@ def _validate_item(obj, where: str) -> dict:
 
 def load_items(path) -> list[dict]:
     """Task items from a prompt file (prompts.*.jsonl), each validated; errors name the file and line."""
+    from llamactl.textfiles import iter_jsonl
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LlamactlError(f"prompt file not found: {path} (--prompts)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlamactlError(f"cannot read prompt file {path}: {e}") from None
-    items = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {i}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlamactlError(f"bad JSON: {e.msg} ({where})") from None
-        items.append(_validate_item(obj, where))
+    if not path.is_file():
+        raise LlamactlError(f"prompt file not found: {path} (--prompts)")
+    items = [_validate_item(obj, f"{path}, line {i}") for i, obj in iter_jsonl(path, "--prompts")]
     if not items:
         raise LlamactlError(f"no items in prompt file ({path})")
     return items
