@@ -688,7 +688,7 @@ def rlhf_rs(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory: samples.json, sft_data.jsonl, rs.json, PNGs, sft/ (default runs/rs)."),
     pool: Optional[Path] = typer.Option(None, "--pool", help="Pool directory: the best answer per prompt across all iterations so far (default RUN/pool; share it between iterations)."),
     k: Optional[int] = typer.Option(None, "--k", help="Samples per prompt at each temperature (default 10; the paper plots N up to 100)."),
-    temperature: Optional[str] = typer.Option(None, "--temperature", help="Sampling temperature, or several as a comma list (K samples at each, Figure 8); default 1.0."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", help="Sampling temperature, or several as a comma list (K samples at each, Figure 8; 0 adds the greedy answer as a candidate); default 1.0."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 1.0)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Most tokens per answer (default 48)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the samples (each has its own generator) and of the SFT data order."),

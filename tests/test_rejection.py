@@ -71,6 +71,29 @@ def test_prompt_key_and_temperatures():
     for bad in ("", "x", "0", "1,1", "-1"):
         with pytest.raises(LlamactlError, match="--temperature"):
             parse_temperatures(bad)
+    # rs takes the greedy answer as one more candidate (T 0), next to at least one sampling temperature
+    assert parse_temperatures("0,0.7", greedy=True) == [0.0, 0.7]
+    for bad in ("0", "0,0", "-1,1"):
+        with pytest.raises(LlamactlError, match="one > 0"):
+            parse_temperatures(bad, greedy=True)
+
+
+def test_greedy_candidate_is_the_greedy_answer(made):
+    """At T 0 the K candidates are the policy's greedy answer (decoded once); T > 0 answers still vary."""
+    from llamactl.chat_data import read_prompts
+    from llamactl.generation import encode_prompt, generate, load_for_generation
+    from llamactl.stages.answers import clean_answer
+    from llamactl.stages.rejection import sample_answers
+
+    model, tok = load_for_generation(made["policy"], "cpu")
+    items = list(read_prompts(made["prompts"]))[:3]
+    got = sample_answers(model, tok, items, [0.0, 1.3], k=3, top_p=1.0, max_new_tokens=6, seed=0, iteration=1)
+    for it, (greedy, sampled) in zip(items, got):
+        ids = encode_prompt(tok, {"dialog": it.messages}, raw=False, system=None)
+        s = generate(model, [ids], max_new_tokens=6, temperature=0.0, eos_id=tok.eos_id)[0]
+        want = clean_answer(tok.decode(s.tokens[:-1] if s.finish_reason == "stop" else s.tokens), raw=False)
+        assert greedy == [want] * 3 and len(sampled) == 3
+    assert any(len(set(sampled)) > 1 for _, sampled in got)
 
 
 # ---- end to end -------------------------------------------------------------------------------------

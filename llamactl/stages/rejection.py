@@ -78,15 +78,18 @@ class Plan:
         return Path(self.cfg.pool) if self.cfg.pool else self.run_dir / "pool"
 
 
-def parse_temperatures(text: str, flag: str = "--temperature") -> list[float]:
-    """'0.8,1.0,1.2' -> [0.8, 1.0, 1.2]: K samples at each (Figure 8); each > 0, no repeats."""
+def parse_temperatures(text: str, flag: str = "--temperature", *, greedy: bool = False) -> list[float]:
+    """'0.8,1.0,1.2' -> [0.8, 1.0, 1.2]: K samples at each (Figure 8); each > 0, no repeats. With `greedy`, 0 is
+    also allowed (the greedy answer as one more candidate), next to at least one temperature > 0."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     try:
         vals = [float(p) for p in parts]
     except ValueError:
         vals = []
-    if not vals or any(not math.isfinite(v) or v <= 0 for v in vals):
-        raise LlamactlError(f"bad temperatures {text!r}: give numbers > 0, e.g. 1.0 or 0.8,1.0,1.2 ({flag})")
+    low = 0 if greedy else 1e-300
+    if not vals or any(not math.isfinite(v) or v < low for v in vals) or not any(v > 0 for v in vals):
+        hint = "numbers >= 0 with one > 0, e.g. 1.0 or 0,0.8,1.2" if greedy else "numbers > 0, e.g. 1.0 or 0.8,1.0,1.2"
+        raise LlamactlError(f"bad temperatures {text!r}: give {hint} ({flag})")
     if len(set(vals)) != len(vals):
         raise LlamactlError(f"temperature given twice in {text!r} ({flag})")
     return vals
@@ -112,7 +115,7 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: di
     _check_given(apply_overrides(SFTConfig(), sft, f"[sft] in {config_file}" if config_file else "flags"))
     psec = file.get("parallel", {})
     par = resolve_parallel(psec, parallel or {}, config_file)
-    temps = parse_temperatures(c.temperature)
+    temps = parse_temperatures(c.temperature, greedy=True)
     for name, low in (("k", 1), ("max_new_tokens", 1), ("gen_batch", 1), ("seed", 0)):
         if getattr(c, name) < low:
             raise LlamactlError(f"{name.replace('_', '-')} must be >= {low}, got {getattr(c, name)} "
@@ -205,6 +208,13 @@ def sample_answers(model, tok, items, temperatures, *, k: int, top_p: float, max
                for it in items]
     out: list[list[list[str]]] = [[[] for _ in temperatures] for _ in items]
     for t, temp in enumerate(temperatures):
+        if temp == 0:  # the greedy answer: decoded once, the same for all K
+            got = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tok.eos_id,
+                           batch_size=batch_size, ctx=ctx)
+            for i, s in enumerate(got):
+                text = tok.decode(s.tokens[:-1] if s.finish_reason == "stop" else s.tokens)
+                out[i][t].extend([clean_answer(text, raw=False)] * k)
+            continue
         flat = [p for p in prompts for _ in range(k)]
         seeds = [sequence_seed(seed, ((iteration * len(temperatures) + t) << 32) + (first_index + (n // k) * stride) * k + n % k)
                  for n in range(len(flat))]
@@ -286,7 +296,7 @@ def sample_and_score(plan: Plan, ctx, items, iteration: int, show_progress: bool
 
 # ---- figures --------------------------------------------------------------------------------------------
 def iteration_stats(records: list[dict], temperatures: list[float], k: int) -> dict:
-    """rs.json's entry of one iteration (layout16): Figure 7's curves at the first temperature (all
+    """rs.json's entry of one iteration (layout16): Figure 7's curves at the first temperature > 0 (all
     temperatures' curves under "curves"), the mean reward per temperature (Figure 8)."""
     from llamactl.rs_pool import best_of_n
 
@@ -296,7 +306,7 @@ def iteration_stats(records: list[dict], temperatures: list[float], k: int) -> d
         mx, md = best_of_n(table)
         curves[f"{temp:g}"] = {"max": mx, "median": md}
         means[f"{temp:g}"] = sum(map(sum, table)) / (len(table) * k)
-    first = curves[f"{temperatures[0]:g}"]
+    first = curves[f"{next(t for t in temperatures if t > 0):g}"]  # greedy (T 0) is one answer, not a curve
     n_samples = len(records) * k * len(temperatures)
     unusable = sum(not s["usable"] for r in records for per in r["samples"] for s in per)
     return {"k": k, "n": list(range(1, k + 1)), "max": first["max"], "median": first["median"],
@@ -321,7 +331,7 @@ def report(plan: Plan, history: list[dict], stats: dict) -> None:
     c, it = plan.cfg, stats["iteration"]
     rows = [[n, f"{stats['max'][n - 1]:.4f}", f"{stats['median'][n - 1]:.4f}",
              f"{stats['max'][n - 1] - stats['median'][n - 1]:+.4f}"] for n in _n_rows(c.k)]
-    console.print(table(f"iteration {it}: reward R_c among N samples at T {plan.temperatures[0]:g} (Figure 7; "
+    console.print(table(f"iteration {it}: reward R_c among N samples at T {next(t for t in plan.temperatures if t > 0):g} (Figure 7; "
                         f"mean over {stats['prompts']} prompts)", ["N", "max", "median", "max - median"], rows))
     trows = [[t, f"{m:.4f}", f"{stats['curves'][t]['max'][-1]:.4f}"] for t, m in stats["temperatures"].items()]
     console.print(table(f"iteration {it}: reward per temperature (Figure 8)", ["T", "mean reward", f"max of {c.k}"], trows))
