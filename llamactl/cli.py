@@ -50,12 +50,15 @@ def plan(
     peak_tflops: float = typer.Option(312.0, "--peak-tflops", help="Peak TFLOP/s per GPU (A100 bf16: 312)."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Evaluate this tensor-parallel size instead of searching."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Evaluate this pipeline-parallel size instead of searching."),
+    virtual_stages: int = typer.Option(1, "--virtual-stages", help="Interleaved 1F1B: model chunks per pipeline rank (bubble (p-1)/(V*m+p-1)); layouts whose stages do not split into V equal chunks use 1."),
 ):
-    """Memory per GPU, a TP/PP/DP layout, step time from FLOPs, checked on the meta device (instant)."""
+    """Memory per GPU, a TP/PP/DP layout (sequence parallel, selective / full recomputation, ZeRO-1, interleaved
+    1F1B), step time from FLOPs, checked on the meta device (instant)."""
     from llamactl.plan import make_plan, print_plan
 
     print_plan(make_plan(size, stage, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, seq_len=seq_len,
-                         micro_batch=micro_batch, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, tp=tp, pp=pp))
+                         micro_batch=micro_batch, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, tp=tp, pp=pp,
+                         virtual_stages=virtual_stages))
 
 
 # ---- data / pretrain / eval (issue 3) ---------------------------------------------------------------
@@ -184,7 +187,9 @@ def pretrain(
     if opts.dry_run and data is None and opts.config is None:
         from llamactl.stages.runner import resolve_parallel
 
-        par = resolve_parallel({}, opts.launch.parallel_flags())
+        pflags = opts.launch.parallel_flags()
+        pflags.setdefault("nproc", (pflags.get("tp") or 1) * (pflags.get("pp") or 1))  # a plan needs no processes
+        par = resolve_parallel({}, pflags)
         dry_run_plan(size or "tiny", "pretrain", tp=par.tp, pp=par.pp, gpus=par.world, seq_len=seq_len,
                      micro_batch=micro_batch, tokens=tokens, zero=par.zero)
         return

@@ -3,19 +3,30 @@
 Memory per GPU, for the most loaded pipeline stage of a layout (tp x pp x dp):
 - trainable models (bf16 autocast over fp32 master weights, as trainer.py runs on GPU): fp32 weights 4
   B/param, the bf16 working copy autocast keeps 2, fp32 gradients 4, AdamW m and v 8 -- 18 B/param; with
-  ZeRO-1 the AdamW state (8) is divided by dp (parallel/data.py steps fp32 weights in place);
+  ZeRO-1 (Megatron's distributed optimizer: gradients reduce-scattered into each rank's shard) the AdamW
+  state (8) and the fp32 gradient kept for the update (4) are divided by dp;
 - frozen models (PPO reference, reward models): bf16 weights, 2 B/param;
-- activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-  Models", eq. 2, tensor parallel without sequence parallelism): s*b*h*(10 + 24/t) bytes per layer and
-  micro-batch; their 5*a*s^2*b/t attention-score term is left out because scaled_dot_product_attention
-  (flash / memory-efficient kernels) never stores the scores. With full recomputation only the layer
-  inputs stay (2*s*b*h per layer) plus one layer's activations while it is recomputed. Under 1F1B the
-  first stage holds min(pp, micro-batches) micro-batches in flight; the last stage also holds the fp32
+- activations per layer and micro-batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+  Large Transformer Models", sections 4.1-4.2; bf16, s sequence, b micro-batch, h dim, a heads, t tp):
+    stored, tensor parallel only:     s*b*h*(10 + 24/t + 5*a*s/(h*t))
+    stored, sequence parallel:        s*b*h*(34 + 5*a*s/h) / t
+    selective recomputation:          the 5*a*s/h attention-score term goes: s*b*h*(10 + 24/t), with SP
+                                      s*b*h*34/t. llamactl's attention kernels (flash / memory-efficient
+                                      scaled_dot_product_attention, kernels/) never store the scores, so
+                                      selective is what they do whether or not --recompute is given;
+    full recomputation (--recompute): the layer inputs only (2*s*b*h, /t with SP) plus one layer's
+                                      (selective) activations while it is recomputed.
+  Under 1F1B the first stage holds min(pp, micro-batches) micro-batches in flight; interleaved 1F1B with V
+  virtual stages holds (p-r-1)*2 + (V-1)*p + 1 chunks of layers/(p*V) layers on stage r (Megatron's
+  warm-up), L*(1 + (p-1)/(p*V)) layers' worth on the first stage. The last stage also holds the fp32
   logits and the cross-entropy softmax (2 x 4 B x s*b*V/t);
 - generation (PPO rollouts): the bf16 KV cache, 2 x layers x batch x seq x kv_heads/t x head_dim x 2 B.
 
 Time: model FLOPs per token = 6 x (matmul parameters) + 6 x layers x dim x seq (causal attention),
-trainer.model_flops_per_token's formula; step time = FLOPs / (GPUs x peak x MFU).
+trainer.model_flops_per_token's formula; step time = FLOPs / (GPUs x peak x MFU). Pipeline bubble
+(p-1)/(V*m + p-1) for m micro-batches (Narayanan et al. 2021; V = 1: plain 1F1B). Data-parallel traffic per
+rank and step: a ring all-reduce of the rank's fp32 gradients, 2*(dp-1)/dp * 4 B/param; ZeRO-1's
+reduce-scatter + all-gather send the same bytes; overlapped with backward (--overlap-grad-reduce).
 """
 from __future__ import annotations
 
@@ -42,6 +53,7 @@ GPUS_PER_NODE = 8  # default node size: tensor parallelism stays within a node's
 STAGE_ROWS = {"pretrain": 1024, "sft": 64, "rm": 1024, "ppo": 512}
 
 ZERO_SHARDED_BYTES = 8              # AdamW m + v, per dp rank (fp32 weights are their own masters)
+RECOMPUTE = ("none", "selective", "full")  # activation recomputation, cheapest first
 
 
 @dataclass
@@ -122,10 +134,24 @@ class Option:
     pp: int
     dp: int
     zero: bool
-    recompute: bool
+    recompute: str              # none | selective | full (RECOMPUTE)
     n_micro: int
     memory: Memory
     fits: bool
+    sp: bool = False            # sequence parallelism (tp > 1)
+    virtual: int = 1            # interleaved 1F1B virtual stages
+
+    @property
+    def bubble(self) -> float:
+        """Idle fraction of the pipeline: (p-1)/(V*m + p-1)."""
+        return bubble(self.pp, self.n_micro, self.virtual)
+
+    @property
+    def setting(self) -> str:
+        """'selective, SP, ZeRO-1': what this option turns on, for tables and the closing line."""
+        parts = [{"none": "no recomputation", "selective": "selective recomputation",
+                  "full": "full recomputation"}[self.recompute]]
+        return ", ".join(parts + (["SP"] if self.sp else []) + (["ZeRO-1"] if self.zero else []))
 
 
 @dataclass
@@ -149,6 +175,7 @@ class Plan:
     mfu: float
     peak_flops: float
     checks: list[tuple[str, int, int, int]] = field(default_factory=list)  # (head, stage, planned, meta)
+    virtual_stages: int = 1     # --virtual-stages asked for (layouts whose stages do not split use 1)
 
     @property
     def check_ok(self) -> bool:
@@ -164,30 +191,63 @@ def _models(stage: str) -> tuple[list[str], list[str]]:
     return ["lm"], []
 
 
-def memory_for(cfg: ModelConfig, stage: str, tp: int, pp: int, dp: int, *, zero: bool, recompute: bool,
-               seq: int, micro_batch: int, n_micro: int, gen_batch: int) -> Memory:
+def layer_activations(cfg: ModelConfig, tp: int, seq: int, micro_batch: int, *, sp: bool, recompute: str) -> float:
+    """Bytes of one layer's stored activations for one micro-batch (Korthikanti et al. 2022; module doc).
+    recompute 'full' gives the working set of the one layer being recomputed (selective)."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    s, b, h, a, t = seq, micro_batch, cfg.dim, cfg.n_heads, tp
+    scores = 5 * a * s / h if recompute == "none" else 0.0
+    if sp:
+        return s * b * h * (34 + scores) / t
+    return s * b * h * (10 + 24 / t + scores / t)
+
+
+def layers_in_flight(n_layers: int, pp: int, r: int, n_micro: int, virtual: int = 1) -> float:
+    """Layers' worth of micro-batch activations stage r holds at its peak under 1F1B (virtual = 1) or
+    interleaved 1F1B: min(p - r, m) micro-batches of its layers, or Megatron's warm-up of
+    (p-r-1)*2 + (V-1)*p + 1 chunks (at most m*V) of layers/V each."""
+    from llamactl.parallel.pipeline import stage_layers
+
+    layers = len(stage_layers(n_layers, pp, r))
+    if virtual == 1:
+        return min(pp - r, n_micro) * layers
+    chunks = min((pp - r - 1) * 2 + (virtual - 1) * pp + 1, n_micro * virtual)
+    return chunks * layers / virtual
+
+
+def bubble(pp: int, n_micro: int, virtual: int = 1) -> float:
+    """Pipeline bubble of (interleaved) 1F1B: (p-1)/(V*m + p-1)."""
+    return (pp - 1) / (virtual * n_micro + pp - 1)
+
+
+def memory_for(cfg: ModelConfig, stage: str, tp: int, pp: int, dp: int, *, zero: bool, recompute: str,
+               seq: int, micro_batch: int, n_micro: int, gen_batch: int, sp: bool = False,
+               virtual: int = 1) -> Memory:
     """Memory per GPU of the most loaded pipeline stage (max over stages of the total)."""
     from llamactl.parallel.pipeline import stage_layers
 
     trainable, frozen = _models(stage)
     best = None
     s, b, h = seq, micro_batch, cfg.dim
-    per_layer = s * b * h * (10 + 24 / tp)
+    sp = sp and tp > 1
+    shard = zero and dp > 1
+    work = layer_activations(cfg, tp, s, b, sp=sp, recompute="selective" if recompute == "full" else recompute)
     for r in range(pp):
         m = Memory()
         for head in trainable:
             n = stage_param_count(cfg, tp, pp, r, head)
             m.weights += 6 * n
-            m.grads += 4 * n
-            m.optimizer += ZERO_SHARDED_BYTES * n / dp if zero and dp > 1 else 8 * n
+            m.grads += 4 * n / dp if shard and n_micro == 1 else 4 * n  # accumulation holds the full gradient
+            m.optimizer += ZERO_SHARDED_BYTES * n / dp if shard else 8 * n
         for head in frozen:
             m.frozen += 2 * stage_param_count(cfg, tp, pp, r, head)
         layers = len(stage_layers(cfg.n_layers, pp, r))
-        in_flight = min(pp - r, n_micro)
-        if recompute:
-            m.activations = in_flight * layers * 2 * s * b * h + per_layer
+        held = layers_in_flight(cfg.n_layers, pp, r, n_micro, virtual)
+        if recompute == "full":
+            m.activations = held * 2 * s * b * h / (tp if sp else 1) + work
         else:
-            m.activations = in_flight * layers * per_layer
+            m.activations = held * work
         if r == pp - 1 and "lm" in trainable:
             m.logits = 2 * 4 * s * b * cfg.vocab_size / tp
         if stage == "ppo":
@@ -230,11 +290,13 @@ def _divisors(n: int) -> list[int]:
 def make_plan(size: str, stage: str = "pretrain", *, gpus: int = 8, gpu_mem: float = 80.0, nodes: int | None = None,
               seq_len: int | None = None, micro_batch: int = 1, tokens: float | None = None, mfu: float = 0.4,
               peak_tflops: float = 312.0, gen_batch: int = 64, tp: int | None = None, pp: int | None = None,
-              usable: float = 0.9, check: bool = True, cfg: ModelConfig | None = None, rows: int | None = None) -> Plan:
+              usable: float = 0.9, check: bool = True, cfg: ModelConfig | None = None, rows: int | None = None,
+              virtual_stages: int = 1) -> Plan:
     """Evaluate every layout (or the given tp/pp) and pick the smallest model-parallel one that fits.
 
     cfg overrides the preset's shape (e.g. a run's resolved model config); size is then just its name.
     rows: the global batch in sequences (a run's own; default: the paper's for the stage).
+    virtual_stages: interleaved 1F1B's V for layouts with pp > 1 whose stages split into V equal chunks.
     """
     cfg = cfg or preset(size)
     if stage not in STAGES:
@@ -248,6 +310,8 @@ def make_plan(size: str, stage: str = "pretrain", *, gpus: int = 8, gpu_mem: flo
     per_node = gpus // nodes
     if seq_len is not None and seq_len < 1:
         raise LlamactlError(f"--seq-len must be >= 1, got {seq_len} (--seq-len)")
+    if not isinstance(virtual_stages, int) or virtual_stages < 1:
+        raise LlamactlError(f"--virtual-stages must be >= 1, got {virtual_stages} (--virtual-stages)")
     seq = seq_len if seq_len is not None else min(4096, cfg.max_seq_len)
     if rows is None:
         rows = max(1, 4 * 2**20 // seq) if stage == "pretrain" else STAGE_ROWS[stage]  # pretraining: 4M tokens
@@ -271,15 +335,19 @@ def make_plan(size: str, stage: str = "pretrain", *, gpus: int = 8, gpu_mem: flo
     for t, p in layouts:
         dp = gpus // (t * p)
         n_micro = max(1, rows // (dp * micro_batch))
-        for zero, rec in ((False, False), (True, False), (False, True), (True, True)):
-            if zero and dp == 1:
-                continue
-            m = memory_for(cfg, stage, t, p, dp, zero=zero, recompute=rec, seq=seq, micro_batch=micro_batch,
-                           n_micro=n_micro, gen_batch=min(gen_batch, math.ceil(rows / dp)))
-            options.append(Option(t, p, dp, zero, rec, n_micro, m, m.total <= usable * gpu_mem * GIB))
-    # smallest model-parallel group first; within it the widest tp (NVLink) and fewest pipeline stages;
-    # then the cheapest setting (no ZeRO, no recomputation) that fits
-    order = sorted(options, key=lambda o: (o.tp * o.pp, -o.tp, o.recompute, o.zero))
+        v = virtual_stages if p > 1 and cfg.n_layers % (p * virtual_stages) == 0 else 1
+        for rec in RECOMPUTE:
+            for zero in ((False, True) if dp > 1 else (False,)):
+                for sp in ((False, True) if t > 1 else (False,)):
+                    m = memory_for(cfg, stage, t, p, dp, zero=zero, recompute=rec, seq=seq, micro_batch=micro_batch,
+                                   n_micro=n_micro, gen_batch=min(gen_batch, math.ceil(rows / dp)), sp=sp, virtual=v)
+                    options.append(Option(t, p, dp, zero, rec, n_micro, m, m.total <= usable * gpu_mem * GIB, sp, v))
+    # no full recomputation if any layout can avoid it (it costs a third more compute, more than a deeper
+    # pipeline's bubble); then the smallest model-parallel group, within it the widest tp (NVLink) and fewest
+    # pipeline stages; then the cheapest setting that fits: the least recomputation, no ZeRO-1, and sequence
+    # parallelism (free: its all-gather + reduce-scatter move the bytes of the all-reduce they replace)
+    order = sorted(options, key=lambda o: (o.recompute == "full", o.tp * o.pp, -o.tp, RECOMPUTE.index(o.recompute),
+                                           o.zero, not o.sp))
     chosen = next((o for o in order if o.fits), None)
     if chosen is None and len(layouts) == 1:
         chosen = min(options, key=lambda o: o.memory.total)
@@ -289,7 +357,7 @@ def make_plan(size: str, stage: str = "pretrain", *, gpus: int = 8, gpu_mem: flo
     peak = peak_tflops * 1e12
     step_time = flops_step / (gpus * peak * mfu)
     plan = Plan(size, cfg, stage, gpus, gpu_mem, per_node, seq, micro_batch, rows, gen_batch, chosen, options,
-                flops_step, tokens_per_step, step_time, tokens, mfu, peak)
+                flops_step, tokens_per_step, step_time, tokens, mfu, peak, virtual_stages=virtual_stages)
     if check and chosen is not None:
         plan.checks = meta_check(cfg, stage, chosen.tp, chosen.pp)
     return plan
@@ -342,12 +410,14 @@ def print_plan(plan: Plan) -> None:
     o = plan.chosen
     if o is not None:
         m = o.memory
-        rows = [["trainable weights (fp32 + bf16 copy)", _gib(m.weights)], ["gradients (fp32)", _gib(m.grads)],
-                [f"AdamW state{' (ZeRO-1 / dp ' + str(o.dp) + ')' if o.zero else ''}", _gib(m.optimizer)]]
+        by_dp = f" (ZeRO-1 / dp {o.dp})" if o.zero else ""
+        rows = [["trainable weights (fp32 + bf16 copy)", _gib(m.weights)], [f"gradients (fp32){by_dp}", _gib(m.grads)],
+                [f"AdamW state{by_dp}", _gib(m.optimizer)]]
         if m.frozen:
             rows.append(["frozen models (bf16)", _gib(m.frozen)])
-        rows.append([f"activations ({'full recomputation' if o.recompute else 'stored'}, "
-                     f"{min(o.pp, o.n_micro)} micro-batch{'es' if min(o.pp, o.n_micro) > 1 else ''} in flight)", _gib(m.activations)])
+        held = layers_in_flight(plan.cfg.n_layers, o.pp, 0, o.n_micro, o.virtual)
+        rows.append([f"activations ({o.setting.split(', ZeRO-1')[0]}, {held:g} layers' worth of micro-batches "
+                     f"in flight{f', V {o.virtual}' if o.virtual > 1 else ''})", _gib(m.activations)])
         if m.logits:
             rows.append(["logits + softmax (last stage)", _gib(m.logits)])
         if m.kv_cache:
@@ -361,23 +431,38 @@ def print_plan(plan: Plan) -> None:
         if (x.tp, x.pp) not in keys:
             keys.append((x.tp, x.pp))
     if o is not None:  # the layouts up to the chosen one, and the next few
-        keys = keys[max(0, keys.index((o.tp, o.pp)) - 8):keys.index((o.tp, o.pp)) + 4]
+        keys = keys[max(0, keys.index((o.tp, o.pp)) - 10):keys.index((o.tp, o.pp)) + 4]
     lay_rows = []
-    for key in keys[:12]:
-        x = next(y for y in plan.options if (y.tp, y.pp) == key)
+    for key in keys[:14]:
         mine = [y for y in plan.options if (y.tp, y.pp) == key]
-        by = {(y.zero, y.recompute): y.memory.total for y in mine}
-        cell = lambda z, r: _gib(by[(z, r)]) if (z, r) in by else "-"  # noqa: E731
-        fits = next((y for y in sorted(mine, key=lambda y: (y.recompute, y.zero)) if y.fits), None)
-        lay_rows.append([x.tp, x.pp, x.dp, cell(False, False), cell(True, False), cell(False, True), cell(True, True),
-                         ("yes" + (" (ZeRO-1)" if fits.zero else "") + (" (recompute)" if fits.recompute else ""))
-                         if fits else "no"])
-    console.print(table("layouts (GiB per GPU of the most loaded stage)",
-                        ["tp", "pp", "dp", "plain", "ZeRO-1", "recompute", "both", "fits"], lay_rows))
+        x = mine[0]
+        by = {(y.recompute, y.zero, y.sp): y.memory.total for y in mine}
+        cell = lambda r, z, sp: _gib(by[(r, z, sp)]) if (r, z, sp) in by else "-"  # noqa: E731
+        full = min(y.memory.total for y in mine if y.recompute == "full")
+        fits = next((y for y in sorted(mine, key=lambda y: (RECOMPUTE.index(y.recompute), y.zero, not y.sp))
+                     if y.fits), None)
+        lay_rows.append([x.tp, x.pp, x.dp, x.virtual, cell("none", False, False), cell("selective", False, False),
+                         cell("selective", False, True), cell("selective", True, True), _gib(full), f"{x.bubble:.2%}",
+                         f"yes ({fits.setting})" if fits else "no"])
+    console.print(table("layouts (GiB per GPU of the most loaded stage; SP: sequence parallel, selective: "
+                        "attention scores recomputed, full: every layer recomputed, with SP and ZeRO-1 where they exist)",
+                        ["tp", "pp", "dp", "V", "stored", "selective", "+ SP", "+ ZeRO-1", "full", "bubble", "fits"],
+                        lay_rows))
     trows = [["model FLOPs per step", f"{plan.flops_per_step:.3e}"],
              [f"step time at MFU {plan.mfu:.0%} of {plan.peak_flops / 1e12:g} TFLOP/s", _dur(plan.step_time)]]
     if o is not None and o.pp > 1:
-        trows.append(["pipeline bubble (p-1)/(m+p-1)", f"{(o.pp - 1) / (o.n_micro + o.pp - 1):.1%}"])
+        trows.append([f"pipeline bubble (p-1)/(V*m+p-1), p {o.pp}, m {o.n_micro}, V {o.virtual}", f"{o.bubble:.2%}"])
+        per_stage = plan.cfg.n_layers // o.pp
+        v_best = max(d for d in _divisors(per_stage) if per_stage // d >= 2) if per_stage >= 2 else 1
+        if o.virtual == 1 and v_best > 1:  # what interleaving would give, and what it costs in activations
+            extra = (layers_in_flight(plan.cfg.n_layers, o.pp, 0, o.n_micro, v_best)
+                     - layers_in_flight(plan.cfg.n_layers, o.pp, 0, o.n_micro))
+            trows.append([f"  with --virtual-stages {v_best} (interleaved 1F1B)",
+                          f"{bubble(o.pp, o.n_micro, v_best):.2%} (first stage: +{extra:.0f} layers' activations)"])
+    if o is not None and o.dp > 1:
+        grads = sum(stage_param_count(plan.cfg, o.tp, o.pp, 0, hd) for hd in _models(plan.stage)[0]) * 4
+        trows.append([f"data-parallel bytes sent per rank and step ({'ZeRO-1 reduce-scatter + all-gather' if o.zero else 'all-reduce'})",
+                      f"{2 * (o.dp - 1) / o.dp * grads / 1e9:,.2f} GB (2(dp-1)/dp x fp32 gradients; overlapped with backward)"])
     if plan.total_tokens:
         steps = plan.total_tokens / plan.tokens_per_step
         total = steps * plan.step_time
@@ -396,11 +481,10 @@ def print_plan(plan: Plan) -> None:
                       f"add GPUs (--gpus) or use a smaller micro-batch / sequence")
     elif not o.fits:
         console.print(f"tp {o.tp} x pp {o.pp} x dp {o.dp} needs {_gib(o.memory.total)} GiB per GPU even with "
-                      f"ZeRO-1 and recomputation: more than {plan.gpu_mem:g} GiB")
+                      f"{o.setting}: more than {plan.gpu_mem:g} GiB")
     else:
-        console.print(f"plan: tp {o.tp} x pp {o.pp} x dp {o.dp}"
-                      f"{', ZeRO-1' if o.zero else ''}{', activation recomputation' if o.recompute else ''}; "
-                      f"meta-device check {'passed' if plan.check_ok else 'FAILED'}")
+        console.print(f"plan: tp {o.tp} x pp {o.pp} x dp {o.dp}{f' x V {o.virtual}' if o.virtual > 1 else ''}, "
+                      f"{o.setting}; meta-device check {'passed' if plan.check_ok else 'FAILED'}")
 
 
 def print_run_plan(size: str, cfg: ModelConfig, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int,
