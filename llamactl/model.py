@@ -8,6 +8,15 @@ pipeline stage holds `layers.{i}` for its own i only and checkpoints do not depe
 Heads: "lm" (vocab logits, vocab-sharded under tp), "reward" and "value" (one scalar per token from a
 `score` projection, as Hugging Face's LlamaForSequenceClassification; the reward of a sequence is the
 value at its last token, see `last_token`).
+
+Sequence parallelism (`model.sequence_parallel`, set by the trainer like `recompute`; parallel/sequence.py):
+in training forwards with grad, tp > 1, no KV cache and T divisible by tp, the residual stream and the
+RMSNorms of the blocks run on this rank's T/tp positions; the blocks gather the sequence before q|k|v and
+w1|w3 and reduce-scatter after wo and w2, and the norm weights' gradients are summed over tp inside backward
+(reduce_grad_over), so data-parallel reduction, ZeRO and the grad norm (norms counted once over tp) see
+whole gradients. Every other forward (T % tp != 0, a cache, eval, no grad) runs the plain path: exact
+either way. A stage's input and output and the final norm + head stay whole-sequence tensors (pipeline p2p
+sends the full activations; Megatron's p2p of split activations is not done).
 """
 from __future__ import annotations
 
@@ -28,8 +37,9 @@ from llamactl.kernels import apply_rope, causal_attention, gemv_fused, rms_norm,
 from llamactl.kernels.reference import repeat_kv
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.pipeline import stage_layers
+from llamactl.parallel.sequence import gather_from_sequence, gather_sequence, sequence_split, split_to_sequence
 from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
-                                      reduce_from_tp, shard_specs)
+                                      reduce_from_tp, reduce_grad_over, shard_specs)
 
 HEADS = ("lm", "reward", "value")
 
@@ -40,8 +50,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, grad_group=None) -> torch.Tensor:
+        """grad_group: sum the weight's gradient over it (sequence parallel: each rank saw part of the rows)."""
+        return rms_norm(x, reduce_grad_over(self.weight, grad_group), self.eps)
 
 
 class KVCache:
@@ -76,7 +87,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_id: int, device=None, dtype=None):
         super().__init__()
-        self.layer_id, self.head_dim = layer_id, cfg.head_dim
+        self.layer_id, self.head_dim, self.ctx = layer_id, cfg.head_dim, ctx
         tp, hd, nkv = ctx.tp, cfg.head_dim, cfg.kv_heads
         self.n_local_heads = cfg.n_heads // tp
         kw = dict(device=device, dtype=dtype)
@@ -92,13 +103,16 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.dim, nkv * hd, ctx, shard=shard, grad_group=group, **kw)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, ctx, **kw)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int, sp: bool = False):
+        """sp: x is this rank's slice of the sequence; the output is too (sequence parallelism)."""
+        if sp:
+            x = gather_from_sequence(x, self.ctx)
         b, t, _ = x.shape
-        f = fused_weight(self)
+        f = None if sp else fused_weight(self)
         if f is not None:  # inference after fuse_projections: one GEMM for q, k and v
             q, k, v = inference_linear(self, "qkv", x, f.weight).split_with_sizes(f.sizes, dim=-1)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = self.wq(x, input_gathered=sp), self.wk(x, input_gathered=sp), self.wv(x, input_gathered=sp)
         q = q.view(b, t, self.n_local_heads, self.head_dim)
         k = k.view(b, t, self.n_local_kv, self.head_dim)
         v = v.view(b, t, self.n_local_kv, self.head_dim)
@@ -117,18 +131,24 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, -1)
         if f is not None:
             return reduce_from_tp(inference_linear(self, "wo", out, f.out), f.ctx)
-        return self.wo(out)
+        return self.wo(out, sequence_parallel=sp)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
+        self.ctx = ctx
         self.w1 = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, ctx, **kw)
         self.w3 = ColumnParallelLinear(cfg.dim, cfg.ffn_dim, ctx, **kw)
         self.w2 = RowParallelLinear(cfg.ffn_dim, cfg.dim, ctx, **kw)
 
-    def forward(self, x):
+    def forward(self, x, sp: bool = False):
+        """sp: x is this rank's slice of the sequence; the output is too (sequence parallelism)."""
+        if sp:
+            x = gather_from_sequence(x, self.ctx)
+            return self.w2(swiglu(self.w1(x, input_gathered=True), self.w3(x, input_gathered=True)),
+                           sequence_parallel=True)
         f = fused_weight(self)
         if f is not None:  # inference after fuse_projections: one GEMM for the gate and the up projection
             a, c = inference_linear(self, "w13", x, f.weight).split_with_sizes(f.sizes, dim=-1)
@@ -283,14 +303,18 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_id: int, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
+        self.tp_group = ctx.tp_group if ctx.tp > 1 else None
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
         self.attention = Attention(cfg, ctx, layer_id, **kw)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, **kw)
         self.feed_forward = FeedForward(cfg, ctx, **kw)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, sp: bool = False):
+        """sp: x (and the result) is this rank's slice of the sequence; the norms' weight gradients are summed
+        over tp (each rank normed only its rows)."""
+        group = self.tp_group if sp else None
+        h = x + self.attention(self.attention_norm(x, group), cos, sin, mask, cache, start_pos, sp)
+        return h + self.feed_forward(self.ffn_norm(h, group), sp)
 
 
 class Transformer(nn.Module):
@@ -304,6 +328,7 @@ class Transformer(nn.Module):
         ctx.validate(cfg.n_heads, cfg.kv_heads, cfg.n_layers, cfg.vocab_size, cfg.ffn_dim)
         self.cfg, self.ctx, self.head = cfg, ctx, head
         self.recompute = False  # activation recomputation per layer (trainer sets it)
+        self.sequence_parallel = False  # Megatron-SP in training forwards (trainer sets it; see module doc)
         kw = dict(device=device, dtype=dtype)
         self.layer_ids = list(stage_layers(cfg.n_layers, ctx.pp, ctx.pp_rank))
         self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, ctx, **kw) if ctx.is_first_stage else None
@@ -343,8 +368,12 @@ class Transformer(nn.Module):
         non-last pipeline stage. last_only keeps only the last position (generation). return_hidden: on the
         last stage, return the final-normed hidden states (B, T, dim) instead of the head's output.
         """
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        t = h.shape[1]
+        t = x.shape[1]
+        sp = self.uses_sequence_parallel(t, cache)
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(x, sequence_parallel=sp)
+        else:
+            h = split_to_sequence(x, self.ctx) if sp else x
         cos_t, sin_t = self._rope(start_pos + t if positions is None else int(positions.max()) + 1, h.device)
         if positions is None:
             cos, sin = cos_t.narrow(0, start_pos, t), sin_t.narrow(0, start_pos, t)
@@ -357,9 +386,11 @@ class Transformer(nn.Module):
             mask = _attention_mask(t, start_pos, key_mask, h.device)
         for blk in self.layers.values():  # in layer order (built from layer_ids)
             if self.recompute and self.training:
-                h = recompute(blk, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
+                h = recompute(blk, h, cos, sin, mask, cache, start_pos, sp, use_reentrant=False)
             else:
-                h = blk(h, cos, sin, mask, cache, start_pos)
+                h = blk(h, cos, sin, mask, cache, start_pos, sp)
+        if sp:  # whole sequence at the stage boundary and for the final norm + head
+            h = gather_sequence(h, self.ctx)
         if self.norm is None:
             return h
         if last_only:
@@ -370,6 +401,12 @@ class Transformer(nn.Module):
         if self.output is not None:
             return self.output(h).float()
         return self.score(h).squeeze(-1).float()
+
+    def uses_sequence_parallel(self, seq_len: int, cache: KVCache | None = None) -> bool:
+        """Whether this forward splits the sequence over tp: asked for, training with grad, no KV cache, and
+        seq_len divisible by tp (otherwise the plain path, which gives the same results)."""
+        return (self.sequence_parallel and self.training and torch.is_grad_enabled() and cache is None
+                and sequence_split(self.ctx, seq_len))
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         p = next(self.parameters())

@@ -63,6 +63,7 @@ class TrainConfig:
     keep: int = 3                   # checkpoints kept in the run dir
     seed: int = 0
     recompute: bool = False         # activation recomputation per layer
+    sequence_parallel: bool = False  # Megatron-SP in the tp group (model.sequence_parallel; a no-op at tp 1)
     compile: bool = False           # torch.compile the model for the training step
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured with a quick matmul
     log_every: int = 1
@@ -122,6 +123,7 @@ class Trainer:
         self.inputs = inputs
         model.train()
         model.recompute = cfg.recompute
+        model.sequence_parallel = cfg.sequence_parallel
         self._fwd = torch.compile(model) if cfg.compile else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(param_groups(model, cfg.weight_decay), cfg, ctx)

@@ -9,6 +9,11 @@ ColumnParallelLinear splits the output features (q, k, v, w1, w3, lm head); RowP
 the input features (wo, w2) and reduces. VocabParallelEmbedding splits the vocabulary. Every layer
 records which slice of the full weight it holds (TPShard) so checkpoints stay layout-independent.
 
+Sequence parallelism (parallel/sequence.py): with `input_gathered=True` a column-parallel linear takes
+an input that came through gather_from_sequence (whose backward reduce-scatters the input gradient, so
+the f op is skipped); with `sequence_parallel=True` the row-parallel linear and the embedding
+reduce-scatter their partial sums along the sequence instead of all-reducing them.
+
 At tp == 1 no communication op runs: the layers are plain linears. Only torch.distributed calls are
 used, on the tensor's own device, so gloo (CPU) and NCCL (GPU) both work.
 """
@@ -24,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from llamactl.parallel.buffers import reusable
 from llamactl.parallel.context import ParallelContext
+from llamactl.parallel.sequence import reduce_scatter_to_sequence
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,9 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(shard.length, in_features, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.ctx)
+    def forward(self, x: torch.Tensor, *, input_gathered: bool = False) -> torch.Tensor:
+        if not input_gathered:
+            x = copy_to_tp(x, self.ctx)
         y = F.linear(x, reduce_grad_over(self.weight, self.grad_group))
         return gather_from_tp(y, self.ctx) if self.gather_output else y
 
@@ -172,10 +179,11 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, n, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.ctx)
-        return reduce_from_tp(F.linear(x, self.weight), self.ctx)
+        y = F.linear(x, self.weight)
+        return reduce_scatter_to_sequence(y, self.ctx) if sequence_parallel else reduce_from_tp(y, self.ctx)
 
 
 class _CPULookup(torch.autograd.Function):
@@ -218,13 +226,14 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.dim = num_embeddings, dim
         self.weight = nn.Parameter(torch.empty(n, dim, device=device, dtype=dtype))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
+        """sequence_parallel: return this rank's slice of the sequence (reduce-scatter, not all-reduce)."""
         if self.ctx.tp == 1:
             return _lookup(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = _lookup(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.ctx)
+        return reduce_scatter_to_sequence(out, self.ctx) if sequence_parallel else reduce_from_tp(out, self.ctx)
 
 
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------------

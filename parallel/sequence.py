@@ -1,0 +1,115 @@
+"""Megatron sequence parallelism (Korthikanti et al. 2022): the ops that move activations between the
+whole sequence and this rank's slice of it, inside the tensor-parallel group.
+
+With sequence parallelism the work outside attention and the MLP (RMSNorm, the residual adds) runs on
+T/tp positions per rank instead of all T on every rank, and its activations take 1/tp of the memory.
+Activations are (B, T, D); the split is along T (dim 1): tp rank r holds positions [r*T/tp, (r+1)*T/tp).
+
+    split_to_sequence           fwd split along T     bwd all-gather       replicated -> split (a stage's input)
+    gather_from_sequence        fwd all-gather        bwd reduce-scatter   before the column-parallel linears:
+                                                                           each rank's consumer gives a partial
+                                                                           input gradient, summed and split here
+    gather_sequence             fwd all-gather        bwd split            split -> replicated computation whose
+                                                                           gradient is the same on every rank
+                                                                           (final norm + head, stage boundary)
+    reduce_scatter_to_sequence  fwd reduce-scatter    bwd all-gather       after the row-parallel linears and the
+                                                                           vocab-parallel embedding (in place of
+                                                                           their all-reduce)
+
+An all-reduce is a reduce-scatter followed by an all-gather, so per layer the bytes equal those of the
+plain tensor-parallel all-reduces. Gloo (torch >= 2.x) implements reduce_scatter and all_gather for CPU
+tensors, so every op is one collective on gloo and NCCL alike. All tp ranks of a group see the same T, so
+they all take the same path; callers use the plain path when T % tp != 0 (`sequence_split`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from llamactl.parallel.context import ParallelContext
+
+SEQ_DIM = 1
+
+
+def sequence_split(ctx: ParallelContext, seq_len: int) -> bool:
+    """Whether a sequence of seq_len positions can be split over the tp group (tp > 1 and it divides evenly)."""
+    return ctx.tp > 1 and seq_len % ctx.tp == 0
+
+
+def _gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _split(x: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    if x.shape[SEQ_DIM] % world:
+        raise ValueError(f"sequence of {x.shape[SEQ_DIM]} positions does not split over tp {world}")
+    return x.chunk(world, dim=SEQ_DIM)[rank].contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, world: int) -> torch.Tensor:
+    if x.shape[SEQ_DIM] % world:
+        raise ValueError(f"sequence of {x.shape[SEQ_DIM]} positions does not split over tp {world}")
+    parts = [p.contiguous() for p in x.chunk(world, dim=SEQ_DIM)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _SplitToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, rank):
+        ctx.group, ctx.world = group, world
+        return _split(x, world, rank)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.group, ctx.world), None, None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world, rank, summed_grad):
+        ctx.group, ctx.world, ctx.rank, ctx.summed_grad = group, world, rank, summed_grad
+        return _gather(x, group, world)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.summed_grad:
+            return _reduce_scatter(g, ctx.group, ctx.world), None, None, None, None
+        return _split(g, ctx.world, ctx.rank), None, None, None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world):
+        ctx.group, ctx.world = group, world
+        return _reduce_scatter(x, group, world)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g, ctx.group, ctx.world), None, None
+
+
+def split_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """This rank's slice of a tensor every tp rank holds whole; backward all-gathers the slices' gradients."""
+    return x if ctx.tp == 1 else _SplitToSequence.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank)
+
+
+def gather_from_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The whole sequence for the column-parallel linears; backward sums the ranks' partial input gradients
+    and hands each rank its slice (reduce-scatter), which replaces the f op's all-reduce."""
+    return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, True)
+
+
+def gather_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The whole sequence for computation replicated over tp (its gradient is equal on every rank, e.g. after
+    the lm head's f op); backward keeps this rank's slice of that gradient."""
+    return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, False)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum of the ranks' partial outputs, each rank keeping its slice of the sequence (in place of the g op's
+    all-reduce); backward all-gathers the gradient."""
+    return x if ctx.tp == 1 else _ReduceScatterToSequence.apply(x, ctx.tp_group, ctx.tp)

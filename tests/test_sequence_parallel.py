@@ -1,0 +1,284 @@
+"""Megatron sequence parallelism (parallel/sequence.py, model.sequence_parallel) against one process, on gloo.
+
+Layer level (fp32, 1e-6): the four sequence ops forward and backward against plain torch on the same global
+tensors; the model's forward and every gradient with SP at tp 2, with the sequence divisible by tp (split:
+checked by the norms seeing T/tp rows) and not (the plain path), with recomputation, with packed-sample
+masks and RoPE positions, micro-batches of both kinds in one step. Whole steps (1e-5): `trainer.fit` with
+`TrainConfig.sequence_parallel` at tp 2, tp 2 x pp 2 and tp 2 x dp 2 (ZeRO-1) against the 1-process run:
+losses, global grad norms (clipping active) and every updated weight.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import spawn
+from test_parallel_steps import STEPS, _Batches
+
+TOL, LOSS_RTOL, WEIGHT_ATOL = 1e-6, 1e-5, 1e-5
+
+
+def _cfg_model():
+    from llamactl.config import preset
+
+    # dim 48 over 4 heads (2 kv heads: GQA split at tp 2), vocab 256: small enough for a few seconds per layout
+    return preset("tiny", dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16)
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.detach().double() - want.detach().double()).abs().max().item()
+    tol = tol * max(1.0, want.detach().abs().max().item())
+    assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
+
+
+# ---- the ops --------------------------------------------------------------------------------------
+def _ops(ctx):
+    """Each op forward and backward against plain torch; every rank builds all ranks' tensors (same seed)."""
+    from llamactl.parallel.sequence import (gather_from_sequence, gather_sequence, reduce_scatter_to_sequence,
+                                            sequence_split, split_to_sequence)
+
+    tp, r = ctx.tp, ctx.tp_rank
+    g = torch.Generator().manual_seed(11)
+    b, n, d = 3, 3, 7  # odd sizes: 3 positions per rank
+    t = n * tp
+    mine = slice(r * n, (r + 1) * n)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    # split: replicated in, slice out; backward all-gathers the slices' gradients
+    x, gy = rnd(b, t, d), rnd(b, t, d)
+    xl = x.clone().requires_grad_()
+    y = split_to_sequence(xl, ctx)
+    _close("split fwd", y, x[:, mine])
+    (y * gy[:, mine]).sum().backward()
+    _close("split bwd", xl.grad, gy)
+    # gather before the column-parallel linears: each rank's consumer gives its own gradient, summed
+    x, gys = rnd(b, t, d), [rnd(b, t, d) for _ in range(tp)]
+    xl = x[:, mine].clone().requires_grad_()
+    y = gather_from_sequence(xl, ctx)
+    _close("gather_from fwd", y, x)
+    (y * gys[r]).sum().backward()
+    _close("gather_from bwd (reduce-scatter)", xl.grad, sum(gys)[:, mine])
+    # gather for replicated computation: the same gradient on every rank, each keeps its slice
+    x, gy = rnd(b, t, d), rnd(b, t, d)
+    xl = x[:, mine].clone().requires_grad_()
+    y = gather_sequence(xl, ctx)
+    _close("gather fwd", y, x)
+    (y * gy).sum().backward()
+    _close("gather bwd (split)", xl.grad, gy[:, mine])
+    # reduce-scatter after the row-parallel linears: partial sums in, this rank's slice of the sum out
+    parts, gy = [rnd(b, t, d) for _ in range(tp)], rnd(b, t, d)
+    xl = parts[r].clone().requires_grad_()
+    y = reduce_scatter_to_sequence(xl, ctx)
+    _close("reduce_scatter fwd", y, sum(parts)[:, mine])
+    (y * gy[:, mine]).sum().backward()
+    _close("reduce_scatter bwd (all-gather)", xl.grad, gy)
+    assert sequence_split(ctx, t) and not sequence_split(ctx, t + 1)
+    with pytest.raises(ValueError, match="does not split"):
+        split_to_sequence(rnd(b, t + 1, d), ctx)
+
+
+# ---- the model's forward and gradients ------------------------------------------------------------
+def _model_grads(ctx):
+    """SP at tp 2 against one process: outputs and every gradient, for divisible and odd sequence lengths."""
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.parallel.tensor import shard_specs
+
+    cfg = _cfg_model()
+    single = ParallelContext.single()
+    ref = build_model(cfg, single, seed=1)
+    model = build_model(cfg, ctx, seed=1)
+    model.sequence_parallel = True
+    specs = shard_specs(model)
+    rows = []
+    model.layers["0"].attention_norm.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    g = torch.Generator().manual_seed(2)
+    for t, recompute in ((12, False), (9, False), (10, True)):
+        ids = torch.randint(0, cfg.vocab_size, (2, t), generator=g)
+        split = t % ctx.tp == 0
+        assert model.uses_sequence_parallel(t) == split
+        for m in (ref, model):
+            m.zero_grad(set_to_none=True)
+            m.recompute = recompute
+        want = ref(ids)
+        rows.clear()
+        got = model(ids)
+        assert rows[0] == (t // ctx.tp if split else t), f"T={t}: the norm saw {rows[0]} rows"
+        n = got.shape[-1]
+        _close(f"T={t} logits", got, want.narrow(-1, ctx.tp_rank * n, n))
+        gy = torch.randn(want.shape, generator=g)
+        (want * gy).sum().backward()
+        (got * gy.narrow(-1, ctx.tp_rank * n, n)).sum().backward()
+        ref_p = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            w = ref_p[name].grad
+            s = specs.get(name)
+            if s is not None:
+                w = w.narrow(s.dim, s.start, s.length)
+            _close(f"T={t} recompute={recompute} grad {name}", p.grad, w)
+    # the norm gains are replicated: every tp rank holds the whole summed gradient (GradNorm counts it once)
+    gain = model.layers["1"].ffn_norm.weight.grad
+    both = [torch.empty_like(gain) for _ in range(ctx.tp)]
+    torch.distributed.all_gather(both, gain, group=ctx.tp_group)
+    assert all(torch.equal(x, both[0]) for x in both)
+    model.eval()  # evaluation and generation run the plain path
+    assert not model.uses_sequence_parallel(12)
+    with torch.no_grad():
+        model.train()
+        assert not model.uses_sequence_parallel(12), "no grad: no SP"
+
+
+def _mixed_step(ctx):
+    """One pipeline_step whose micro-batches have divisible and odd lengths (SP and plain in one step), with
+    packed samples (block-diagonal attn_mask and per-sample RoPE positions): loss and gradients equal."""
+    from llamactl.data import Batch
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.parallel.pipeline import lm_output_loss, pipeline_step
+    from llamactl.parallel.tensor import shard_specs
+    from llamactl.stages.sft import packed_inputs
+
+    cfg = _cfg_model()
+    g = torch.Generator().manual_seed(5)
+    mbs = []
+    for rows, seq in ((2, 10), (1, 7), (3, 6)):
+        w = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=g)
+        docs = (torch.arange(seq)[None] >= torch.randint(1, seq, (rows, 1), generator=g)).long()
+        mbs.append(Batch(w[:, :-1], w[:, 1:], torch.ones(rows, seq, dtype=torch.bool), docs))
+    denom = sum(b.num_valid for b in mbs)
+    inputs = packed_inputs(cross_attention=False)
+    single = ParallelContext.single()
+    ref = build_model(cfg, single, seed=3)
+    want = pipeline_step(ref, mbs, single, lm_output_loss(single), denom, inputs=inputs)
+    model = build_model(cfg, ctx, seed=3)
+    model.sequence_parallel = True
+    got = pipeline_step(model, mbs, ctx, lm_output_loss(ctx, head=model.output), denom, inputs=inputs)
+    assert abs(got.loss - want.loss) <= LOSS_RTOL * want.loss, (got.loss, want.loss)
+    specs, ref_p = shard_specs(model), dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        w = ref_p[name].grad
+        s = specs.get(name)
+        if s is not None:
+            w = w.narrow(s.dim, s.start, s.length)
+        _close(f"mixed step grad {name}", p.grad, w)
+
+
+# ---- whole training steps ---------------------------------------------------------------------------
+def _train_cfg(zero: bool = False):
+    from llamactl.trainer import TrainConfig
+
+    return TrainConfig(steps=STEPS, lr=3e-3, warmup=2, weight_decay=0.1, clip=0.5, zero=zero, bucket_mb=0.02,
+                       sequence_parallel=True)
+
+
+def _train(model, ctx, micro, run_dir, zero=False):
+    import json
+
+    import torch.distributed as dist
+
+    from llamactl.trainer import fit
+
+    res = fit(model, ctx, _train_cfg(zero), _Batches(model.cfg.vocab_size, ctx.dp, ctx.dp_rank, micro),
+              run_dir=run_dir, show_progress=False)
+    assert res.step == STEPS and model.sequence_parallel
+    if ctx.world_size > 1:
+        dist.barrier()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
+
+
+def _reference(rank, root):
+    """The 1-process run (SP asked for: a no-op at tp 1), trained on rank 0 and sent to the others."""
+    import torch.distributed as dist
+
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+
+    box = [None]
+    if rank == 0:
+        ctx = ParallelContext.single()
+        model = build_model(_cfg_model(), ctx, seed=0)
+        init = {k: v.detach().clone() for k, v in model.named_parameters()}
+        losses, norms = _train(model, ctx, 2, root / "reference")
+        moved = min((v.detach() - init[k]).abs().max().item() for k, v in model.named_parameters())
+        assert moved > 1e-4, "every tensor must change, or the weight comparison proves little"
+        assert min(norms) > _train_cfg().clip, "clipping must be active, or the global norm goes untested"
+        box = [(losses, norms, {k: v.detach().clone() for k, v in model.named_parameters()})]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _layout(tp, pp, zero, micro, ref, root):
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.parallel.tensor import shard_specs
+
+    ref_losses, ref_norms, ref_w = ref
+    ctx = ParallelContext.from_world(tp, pp)
+    tag = f"SP tp{ctx.tp} pp{ctx.pp} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
+    model = build_model(_cfg_model(), ctx, seed=0)
+    calls = []
+    model.layers[str(model.layer_ids[0])].ffn_norm.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    losses, norms = _train(model, ctx, micro, root / tag.replace(" ", "_"), zero)
+    assert calls and set(calls) == {16 // tp}, f"{tag}: the norms saw {set(calls)} positions, not a split sequence"
+    for i, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), f"{tag}: loss of step {i + 1} {a!r} != {b!r}"
+    for i, (a, b) in enumerate(zip(norms, ref_norms)):
+        assert abs(a - b) <= LOSS_RTOL * abs(b), f"{tag}: grad norm of step {i + 1} {a!r} != {b!r}"
+    specs = shard_specs(model)
+    for name, p in model.named_parameters():
+        want = ref_w[name]
+        s = specs.get(name)
+        if s is not None:
+            want = want.narrow(s.dim, s.start, s.length)
+        err = (p.detach() - want).abs().max().item()
+        assert err <= WEIGHT_ATOL, f"{tag}: {name} differs from 1 process by {err:.3g} after {STEPS} steps"
+
+
+def _two(rank, world, root):
+    from llamactl.parallel.context import ParallelContext
+
+    root = Path(root)
+    ctx = ParallelContext.from_world(2, 1)
+    _ops(ctx)
+    _model_grads(ctx)
+    _mixed_step(ctx)
+    ref = _reference(rank, root)
+    _layout(2, 1, False, 2, ref, root)
+
+
+def _four(rank, world, root):
+    root = Path(root)
+    ref = _reference(rank, root)
+    _layout(2, 2, False, 1, ref, root)   # TP=2 x PP=2: stage inputs split, outputs gathered; 8 micro-batches
+    _layout(2, 1, True, 2, ref, root)    # TP=2 x DP=2 with ZeRO-1
+
+
+def test_sequence_parallel_ops_model_and_steps_2_ranks(tmp_path):
+    """The SP ops, the model's gradients (divisible / odd T, recompute, packed masks) and 5 training steps at
+    tp 2 equal one process."""
+    spawn(_two, 2, str(tmp_path))
+
+
+def test_sequence_parallel_steps_4_ranks(tmp_path):
+    """5 training steps with SP at tp 2 x pp 2 and tp 2 x dp 2 (ZeRO-1) equal one process."""
+    spawn(_four, 4, str(tmp_path))
+
+
+def test_train_config_reaches_the_model():
+    """TrainConfig.sequence_parallel is what the Trainer sets on the model (the stages pass plan.parallel.sp)."""
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.trainer import Trainer
+
+    for on in (True, False):
+        model = build_model(_cfg_model(), None, seed=0)
+        Trainer(model, ParallelContext.single(), dataclasses.replace(_train_cfg(), sequence_parallel=on))
+        assert model.sequence_parallel is on
+        assert not model.uses_sequence_parallel(16), "tp 1: nothing to split"
