@@ -36,7 +36,7 @@ from llamactl.errors import LlamactlError
 from llamactl.kernels import apply_rope, causal_attention, gemv_fused, rms_norm, rope_tables, swiglu
 from llamactl.kernels.reference import repeat_kv
 from llamactl.parallel.context import ParallelContext
-from llamactl.parallel.pipeline import stage_layers
+from llamactl.parallel.pipeline import chunk_layers
 from llamactl.parallel.sequence import gather_from_sequence, gather_sequence, sequence_split, split_to_sequence
 from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
                                       reduce_from_tp, reduce_grad_over, shard_specs)
@@ -330,7 +330,9 @@ class Transformer(nn.Module):
         self.recompute = False  # activation recomputation per layer (trainer sets it)
         self.sequence_parallel = False  # Megatron-SP in training forwards (trainer sets it; see module doc)
         kw = dict(device=device, dtype=dtype)
-        self.layer_ids = list(stage_layers(cfg.n_layers, ctx.pp, ctx.pp_rank))
+        # interleaved 1F1B: this rank's layer chunks (one at virtual_stages 1), layers under their global index
+        self.chunks = [list(c) for c in chunk_layers(cfg.n_layers, ctx.pp, ctx.pp_rank, ctx.virtual_stages)]
+        self.layer_ids = [i for c in self.chunks for i in c]
         self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, ctx, **kw) if ctx.is_first_stage else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, ctx, i, **kw) for i in self.layer_ids})
         self.norm = self.output = self.score = None
@@ -357,7 +359,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 last_only: bool = False, return_hidden: bool = False,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
         """x: token ids (B, T) on the first stage, hidden states (B, T, dim) on later stages.
 
         start_pos: position of x[:, 0] in the KV cache. positions (B, T): explicit RoPE positions (e.g.
@@ -367,10 +369,12 @@ class Transformer(nn.Module):
         Returns lm logits (B, T, V/tp) fp32, reward/value scalars (B, T) fp32, or hidden states on a
         non-last pipeline stage. last_only keeps only the last position (generation). return_hidden: on the
         last stage, return the final-normed hidden states (B, T, dim) instead of the head's output.
+        chunk: run only this layer chunk (virtual pipeline stages): the embedding only in chunk 0, the norm +
+        head only in the last; None runs them all.
         """
         t = x.shape[1]
         sp = self.uses_sequence_parallel(t, cache)
-        if self.tok_embeddings is not None:
+        if self.tok_embeddings is not None and not chunk:
             h = self.tok_embeddings(x, sequence_parallel=sp)
         else:
             h = split_to_sequence(x, self.ctx) if sp else x
@@ -384,14 +388,14 @@ class Transformer(nn.Module):
             mask = key_mask[:, None, None, :start_pos + 1].bool()
         elif mask is None and (key_mask is not None or (start_pos > 0 and t > 1)):
             mask = _attention_mask(t, start_pos, key_mask, h.device)
-        for blk in self.layers.values():  # in layer order (built from layer_ids)
+        for blk in (self.layers.values() if chunk is None else [self.layers[str(i)] for i in self.chunks[chunk]]):
             if self.recompute and self.training:
                 h = recompute(blk, h, cos, sin, mask, cache, start_pos, sp, use_reentrant=False)
             else:
                 h = blk(h, cos, sin, mask, cache, start_pos, sp)
         if sp:  # whole sequence at the stage boundary and for the final norm + head
             h = gather_sequence(h, self.ctx)
-        if self.norm is None:
+        if self.norm is None or chunk not in (None, len(self.chunks) - 1):
             return h
         if last_only:
             h = h[:, -1:]

@@ -28,20 +28,24 @@ def stage_forward(model, tokens: torch.Tensor, ctx: ParallelContext, **kw) -> to
     """model(tokens, **kw) across the pipeline: the last stage's output there, None on other stages.
 
     tokens (B, T) are the token ids on every rank (the first stage embeds them; later stages read only
-    their shape). Activations travel in the parameters' dtype, as in training's p2p.
+    their shape). Activations travel in the parameters' dtype, as in training's p2p. With virtual stages
+    the activations go round the ring of pipeline ranks once per chunk (chunk v of the last rank feeds
+    chunk v + 1 of the first).
     """
     if ctx.pp == 1:
         return model(tokens, **kw)
     p0 = next(model.parameters())
-    if ctx.is_first_stage:
-        x = tokens
-    else:
-        x = torch.empty(*tokens.shape[:2], model.cfg.dim, dtype=p0.dtype, device=p0.device)
-        dist.recv(x, src=ctx.pp_ranks[ctx.pp_rank - 1])
-    out = model(x, **kw)
-    if ctx.is_last_stage:
-        return out
-    dist.send(out.detach().to(p0.dtype).contiguous(), dst=ctx.pp_ranks[ctx.pp_rank + 1])
+    pp, virtual, r = ctx.pp, ctx.virtual_stages, ctx.pp_rank
+    for v in range(virtual):
+        if v == 0 and ctx.is_first_stage:
+            x = tokens
+        else:
+            x = torch.empty(*tokens.shape[:2], model.cfg.dim, dtype=p0.dtype, device=p0.device)
+            dist.recv(x, src=ctx.pp_ranks[(r - 1) % pp])
+        out = model(x, chunk=v, **kw) if virtual > 1 else model(x, **kw)
+        if v == virtual - 1 and ctx.is_last_stage:
+            return out
+        dist.send(out.detach().to(p0.dtype).contiguous(), dst=ctx.pp_ranks[(r + 1) % pp])
     return None
 
 

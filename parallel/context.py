@@ -61,6 +61,7 @@ class ParallelContext:
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
+    virtual_stages: int = 1  # interleaved 1F1B: layer chunks per pipeline rank (no groups of its own)
     _kv_groups: dict = field(default_factory=dict, repr=False)
 
     # ---- construction -------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class ParallelContext:
         return cls()
 
     @classmethod
-    def from_world(cls, tp: int = 1, pp: int = 1) -> "ParallelContext":
+    def from_world(cls, tp: int = 1, pp: int = 1, virtual_stages: int = 1) -> "ParallelContext":
         """Build the groups from an initialised torch.distributed world (dp = world / (tp*pp))."""
         import torch.distributed as dist
 
@@ -81,7 +82,7 @@ class ParallelContext:
             return cls.single()
         world, rank = dist.get_world_size(), dist.get_rank()
         dp = check_layout(tp, pp, world=world)
-        ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank)
+        ctx = cls(tp=tp, pp=pp, dp=dp, rank=rank, virtual_stages=virtual_stages)
         ctx.tp_ranks, ctx.tp_group = _make_groups(rank, [[p * dp * tp + d * tp + t for t in range(tp)]
                                                           for p in range(pp) for d in range(dp)])
         ctx.dp_ranks, ctx.dp_group = _make_groups(rank, [[p * dp * tp + d * tp + t for d in range(dp)]
@@ -135,6 +136,9 @@ class ParallelContext:
             raise LayoutError(f"--tp {tp} does not divide the FFN size {ffn_dim}")
         if pp > n_layers:
             raise LayoutError(f"--pp {pp} is larger than the {n_layers} layers")
+        if pp * self.virtual_stages > n_layers:
+            raise LayoutError(f"--pp {pp} x --virtual-stages {self.virtual_stages} = {pp * self.virtual_stages} "
+                              f"layer chunks is more than the {n_layers} layers")
 
     def kv_replica_group(self, n_kv_heads: int):
         """Group of tp ranks that hold a copy of the same kv head when tp > n_kv_heads (GQA replicated).

@@ -113,14 +113,15 @@ class Entry:
     stage: int
 
 
-def stage_entries(cfg: ModelConfig, head: str, pp: int) -> list[list[Entry]]:
-    """Per pipeline stage, its tensors (full shapes) in model order; built on the meta device (free)."""
+def stage_entries(cfg: ModelConfig, head: str, pp: int, virtual: int = 1) -> list[list[Entry]]:
+    """Per pipeline stage, its tensors (full shapes) in model order; built on the meta device (free). With
+    virtual stages a stage's layers are its chunks' (not one contiguous range); names stay global."""
     from llamactl.model import Transformer
 
     out = []
     for s in range(pp):
         with torch.device("meta"):
-            m = Transformer(cfg, ParallelContext(tp=1, pp=pp, dp=1, rank=s), head)
+            m = Transformer(cfg, ParallelContext(tp=1, pp=pp, dp=1, rank=s, virtual_stages=virtual), head)
         out.append([Entry(n, to_hf_name(n), tuple(p.shape), s) for n, p in m.named_parameters()])
     return out
 

@@ -255,11 +255,12 @@ def load_train_state(ckpt_dir, ctx: ParallelContext | None = None, model=None, *
     if not meta.get("train_state"):
         return None
     lay = meta.get("parallel") or {}
-    now = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}
-    if any(lay.get(k) != v for k, v in now.items()):
-        raise LlamactlError(f"train_state was saved with tp={lay.get('tp')} pp={lay.get('pp')} dp={lay.get('dp')}; "
-                            f"exact resume needs the same layout, not tp={ctx.tp} pp={ctx.pp} dp={ctx.dp} "
-                            f"(--tp/--pp/--nproc) ({p})")
+    now = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "virtual_stages": ctx.virtual_stages}
+    saved = {**now, **{k: lay.get(k) for k in ("tp", "pp", "dp")}, "virtual_stages": lay.get("virtual_stages", 1)}
+    if saved != now:  # (checkpoints from before virtual stages were saved at 1)
+        show = lambda d: " ".join(f"{k}={d[k]}" for k in now)  # noqa: E731
+        raise LlamactlError(f"train_state was saved with {show(saved)}; exact resume needs the same layout, not "
+                            f"{show(now)} (--tp/--pp/--virtual-stages/--nproc) ({p})")
     state = _read_state_file(p, meta, state_name(ctx.rank))
     if model is not None and masters_name(ctx) in meta.get("files", {}):
         _restore_masters(model, _read_state_file(p, meta, masters_name(ctx)), masters_name(ctx), p)

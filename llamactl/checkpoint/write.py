@@ -105,7 +105,7 @@ def _save_into(tmp: Path, out_dir: Path, model, ctx, dist_on, cfg, head, tok_pat
     params = dict(model.named_parameters())
     dtype = dtype or next(iter(params.values())).dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
-    files = file_plan(stage_entries(cfg, head, ctx.pp), itemsize, max_shard_bytes)
+    files = file_plan(stage_entries(cfg, head, ctx.pp, ctx.virtual_stages), itemsize, max_shard_bytes)
     n_files = len(files)
     specs = shard_specs(model)
     all_specs = None
@@ -247,7 +247,8 @@ def _write_small_files(tmp, files, cfg, head, dtype, tok_path, itemsize, hashes,
         "step": int(step),
         "tokens": int(tokens),
         "parameters": cfg_num_params(cfg, head),
-        "parallel": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size},
+        "parallel": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "virtual_stages": ctx.virtual_stages,
+                     "world_size": ctx.world_size},
         "train_state": has_state,
         "files": dict(sorted(hashes.items())),
         "extra": extra or {},

@@ -171,6 +171,12 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None,
                             f"{lo:,} or {lo + per_micro:,} (--batch-tokens)")
     accum = max(1, round(cfg.batch_tokens / per_micro))
     cfg.batch_tokens = accum * per_micro
+    if par.virtual_stages > 1 and accum % par.pp:  # the interleaved schedule runs micro-batches in groups of pp
+        group = per_micro * par.pp
+        raise LlamactlError(f"--virtual-stages {par.virtual_stages} needs the micro-batches per step to be a multiple "
+                            f"of --pp {par.pp}, got {accum} (--batch-tokens {cfg.batch_tokens:,} / micro-batch x "
+                            f"seq-len x dp {per_micro:,}); use a --batch-tokens multiple of {group:,} "
+                            f"(--batch-tokens/--micro-batch)")
     if cfg.steps is None:
         cfg.steps = math.ceil(cfg.tokens / cfg.batch_tokens) if cfg.tokens else steps
     cfg.tokens = cfg.steps * cfg.batch_tokens

@@ -71,6 +71,7 @@ def run_stage(resolve: Callable, describe: Callable, run: Callable, *, flags: di
     maybe_relaunch(par.tp, par.pp, LaunchConfig(par.nproc, par.nnodes, launch.node_rank, launch.master_addr,
                                                 launch.master_port))
     ctx = init_distributed(par.tp, par.pp)
+    ctx.virtual_stages = par.virtual_stages  # interleaved 1F1B: layer chunks per pipeline rank (no groups)
     result = run(plan, ctx, resume=resume)
     code = getattr(result, "exit_code", 0)
     if code:
