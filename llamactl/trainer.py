@@ -71,6 +71,7 @@ class TrainConfig:
     zero: bool = False              # ZeRO-1: AdamW state sharded over data parallel
     save_dtype: str = "bfloat16"    # stored weights; fp32 masters stay in train_state for exact resume
     bucket_mb: float = 25.0         # data-parallel gradient all-reduce bucket size
+    overlap_grad_reduce: bool = True  # dp buckets launched from backward hooks as they fill (parallel/data.py)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -127,7 +128,8 @@ class Trainer:
         self._fwd = torch.compile(model) if cfg.compile else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(param_groups(model, cfg.weight_decay), cfg, ctx)
-        self._reduce = GradReducer(self.params, ctx, cfg.bucket_mb)
+        self._reduce = GradReducer(self.params, ctx, cfg.bucket_mb, overlap=cfg.overlap_grad_reduce,
+                                   optimizer=self.optimizer)  # ZeRO-1: reduce-scatter into the optimizer's shard
         self._norm = GradNorm(model, ctx)
         self.global_step = 0            # optimizer steps done
         self.tokens = 0                 # training tokens seen (all dp ranks)
@@ -143,18 +145,19 @@ class Trainer:
         denom = count_valid(micro, self.ctx, self.device)
         if denom == 0:
             raise LlamactlError(f"global batch of step {n} has no tokens that carry loss (data / masks)")
+        self._reduce.begin(len(micro))  # hooks launch each bucket after its last micro-batch's backward
         out = pipeline_step(self._fwd, micro, self.ctx, self.loss_fn, denom, inputs=self.inputs,
                             autocast=self.autocast)
+        grads = self._reduce()  # waits for the buckets in flight; the model's params, or the ZeRO-1 shard's
         if not math.isfinite(out.loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"loss is {out.loss} at step {n}")
-        self._reduce()
-        norm = self._norm(self.params)
+        norm = self._norm(grads, dp_sharded=self._reduce.sharded)
         gnorm = float(norm)  # the step's one host sync: metrics, and no update from a broken gradient
         if not math.isfinite(gnorm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"gradient norm is {gnorm} at step {n}")
-        clipped_step(self.optimizer, self.params, norm, self.cfg.clip)
+        clipped_step(self.optimizer, grads, norm, self.cfg.clip)
         self.optimizer.zero_grad(set_to_none=True)
         out.tokens = sum(b.num_tokens for b in micro) * self.ctx.dp
         out.grad_norm, out.lr = gnorm, lr

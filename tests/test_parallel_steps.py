@@ -139,12 +139,13 @@ def _layout(tp, pp, zero, micro, ref, root):
 
 
 def _zero_equals_plain_dp(plain, zero):
-    """ZeRO-1 (AdamW state sharded over dp 2) against plain DP 2 from the same start: AdamW is elementwise, so
-    losses and weights agree to the last bits (1e-6 allows a vector loop's tail to round differently)."""
+    """ZeRO-1 (AdamW state sharded over dp 2) against plain DP 2 from the same start: the summed gradients are
+    identical and AdamW is elementwise; only the clip norm is summed in another order (from the dp shards'
+    squares, not torch's total norm: ~1e-6 relative), which moves weights by rounding (< 1e-6 after 5 steps)."""
     (loss_a, w_a), (loss_b, w_b) = plain, zero
     assert loss_a == pytest.approx(loss_b, rel=1e-6, abs=0)
     for k in w_a:
-        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-6, atol=1e-6, msg=k)
 
 
 # Losses and grad norms the code before the one loss signature logged (commit c4a6c17: `fit` with its default

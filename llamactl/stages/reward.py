@@ -379,6 +379,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        eval_every=c.eval_every or (c.steps if val is not None else 0), zero=plan.parallel.zero,
                        sequence_parallel=plan.parallel.sp,
+                       overlap_grad_reduce=plan.parallel.overlap_grad_reduce,
                        save_dtype=c.save_dtype)
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), loss_fn=reward_loss, tokenizer=tok_path,
                  stage="reward", resume=resume, eval_batches=val,
