@@ -344,7 +344,7 @@ def test_save_at_tp_and_pp_equals_single_process(tmp_path):
         got = _file_tensors(p)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
         meta = C.read_meta(p)
-        assert meta["parallel"] == {"tp": tp, "pp": pp, "dp": 1, "world_size": 2}
+        assert meta["parallel"] == {"tp": tp, "pp": pp, "dp": 1, "virtual_stages": 1, "world_size": 2}
         assert len(list((p / "train_state").iterdir())) == 2 and C.verify(p) == []
     # stage files: the first holds the embedding and the first layers, the last the norm and head
     wm = json.loads((tmp_path / "pp2" / "model.safetensors.index.json").read_text())["weight_map"]

@@ -3,7 +3,7 @@
 The schedule itself is checked without processes: every chunk-forward and -backward once and in dependency
 order, lockstep rounds whose sends and receives meet in the same round, and a timed run of the order whose
 idle fraction is (p-1)/(V*m+p-1). Then 2 gloo ranks (pp 2, V 2, a 6-layer model whose chunks are uneven:
-rank 0 holds layers {0} and {3, 4}) train 5 whole steps with 2, 4 and 6 micro-batches through `trainer.fit`
+rank 0 holds layers {0} and {3, 4}) train 3 whole steps with 2, 4 and 6 micro-batches through `trainer.fit`
 and match the 1-process losses, gradient norms and updated weights to 1e-5; checkpoints move between
 pp 2 x V 2, pp 2 x V 1 and 1 process unchanged; forward-only evaluation and inference forwards run at V 2.
 Finally `llamactl pretrain --pp 2 --nproc 2 --virtual-stages 2 --eval-every 2` logs the train and val rows of
@@ -21,11 +21,18 @@ import pytest
 import torch
 
 from dist_utils import spawn
-from test_parallel_steps import _cfg
+from test_parallel_steps import _cfg as _steps_cfg
 
 ROWS, SEQ, VOCAB = 12, 16, 256
 MICRO_COUNTS = (2, 4, 6)     # micro-batches per step (rows per micro-batch: 6, 3, 2)
 TOL = 1e-5
+
+
+def _cfg():
+    """test_parallel_steps' optimizer settings (warmup 2, clip 1.0, weight decay), for 3 steps."""
+    import dataclasses
+
+    return dataclasses.replace(_steps_cfg(), steps=3)
 
 
 def _model_cfg():
@@ -104,7 +111,7 @@ class _Batches:
 
 
 def _train(ctx, count: int, run_dir: Path):
-    """5 steps of trainer.fit from the seed-0 model; (losses, grad norms, model)."""
+    """_cfg().steps steps of trainer.fit from the seed-0 model; (losses, grad norms, model)."""
     import torch.distributed as dist
 
     from llamactl.model import build_model
