@@ -113,7 +113,9 @@ class ParallelConfig:
 
     @property
     def sp(self) -> bool:
-        """Whether sequence parallelism is on (the default: whenever tp > 1)."""
+        """Sequence parallelism as the planner counts it (GPUs, NCCL): on whenever tp > 1 unless
+        --no-sequence-parallel. Training passes `sequence_parallel` itself: its default (None) is resolved by the
+        backend, off on gloo where SP is slower (parallel.sequence.use_sequence_parallel)."""
         return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel and self.tp > 1)
 
     @property

@@ -40,6 +40,7 @@ from llamactl.errors import LlamactlError
 from llamactl.optim import clipped_step, lr_at, make_adamw, param_groups
 from llamactl.parallel.data import GradNorm, GradReducer, count_valid
 from llamactl.parallel.pipeline import StepOutput, batch_inputs, forward_only, lm_output_loss, pipeline_step
+from llamactl.parallel.sequence import use_sequence_parallel
 from llamactl.rundir import list_checkpoints, recover, remove_checkpoint, step_dir, truncate_metrics
 
 SAVE_DTYPES = ("bfloat16", "float32", "float16")
@@ -63,7 +64,7 @@ class TrainConfig:
     keep: int = 3                   # checkpoints kept in the run dir
     seed: int = 0
     recompute: bool = False         # activation recomputation per layer
-    sequence_parallel: bool = False  # Megatron-SP in the tp group (model.sequence_parallel; a no-op at tp 1)
+    sequence_parallel: bool | None = False  # Megatron-SP in the tp group; None: on for NCCL, off on gloo
     compile: bool = False           # torch.compile the model for the training step
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured with a quick matmul
     log_every: int = 1
@@ -124,7 +125,7 @@ class Trainer:
         self.inputs = inputs
         model.train()
         model.recompute = cfg.recompute
-        model.sequence_parallel = cfg.sequence_parallel
+        model.sequence_parallel = use_sequence_parallel(cfg.sequence_parallel, ctx, self.device)
         self._fwd = torch.compile(model) if cfg.compile else model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(param_groups(model, cfg.weight_decay), cfg, ctx)

@@ -20,6 +20,12 @@ An all-reduce is a reduce-scatter followed by an all-gather, so per layer the by
 plain tensor-parallel all-reduces. Gloo (torch >= 2.x) implements reduce_scatter and all_gather for CPU
 tensors, so every op is one collective on gloo and NCCL alike. All tp ranks of a group see the same T, so
 they all take the same path; callers use the plain path when T % tp != 0 (`sequence_split`).
+
+Default (`use_sequence_parallel`): on at tp > 1 where the tp group runs NCCL, off on gloo. SP replaces each
+layer's 7 tp all-reduces (2 forward, 5 backward: the inputs of q, k, v, w1, w3) by 4 all-gathers and 4
+reduce-scatters (+ 2 tiny all-reduces of the norm gains); NCCL runs a reduce-scatter or an all-gather in
+about half an all-reduce's time, gloo on CPU does not (a tp 2 step is 14-16 % slower with SP there:
+bench/sequence_parallel.py), so on gloo it is only used when asked for (it still saves activation memory).
 """
 from __future__ import annotations
 
@@ -29,6 +35,22 @@ import torch.distributed as dist
 from llamactl.parallel.context import ParallelContext
 
 SEQ_DIM = 1
+
+
+def use_sequence_parallel(asked: bool | None, ctx: ParallelContext, device: torch.device | str = "cpu") -> bool:
+    """Whether training splits the sequence: never at tp 1; as asked (True / False); by default (None) on where
+    the tp group's backend for `device` is not gloo (NCCL), off on gloo (see the module doc)."""
+    if ctx.tp == 1:
+        return False
+    if asked is not None:
+        return bool(asked)
+    if ctx.tp_group is None or not dist.is_available() or not dist.is_initialized():
+        return False  # a context without a world (shapes only): nothing trains
+    backend = str(dist.get_backend(ctx.tp_group))
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": the backend of this device's tensors
+        by_device = dict(part.split(":", 1) for part in backend.split(","))
+        backend = by_device.get(torch.device(device).type, backend)
+    return backend != "gloo"
 
 
 def sequence_split(ctx: ParallelContext, seq_len: int) -> bool:

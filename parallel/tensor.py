@@ -233,7 +233,9 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = _lookup(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_scatter_to_sequence(out, self.ctx) if sequence_parallel else reduce_from_tp(out, self.ctx)
+        if sequence_parallel:
+            return reduce_scatter_to_sequence(out, self.ctx)
+        return reduce_from_tp(out, self.ctx)
 
 
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------------

@@ -4,8 +4,9 @@ Layer level (fp32, 1e-6): the four sequence ops forward and backward against pla
 tensors; the model's forward and every gradient with SP at tp 2, with the sequence divisible by tp (split:
 checked by the norms seeing T/tp rows) and not (the plain path), with recomputation, with packed-sample
 masks and RoPE positions, micro-batches of both kinds in one step. Whole steps (1e-5): `trainer.fit` with
-`TrainConfig.sequence_parallel` at tp 2, tp 2 x pp 2 and tp 2 x dp 2 (ZeRO-1) against the 1-process run:
-losses, global grad norms (clipping active) and every updated weight.
+`TrainConfig.sequence_parallel` at tp 2, tp 2 x pp 2 (also interleaved, V 2) and tp 2 x dp 2 (ZeRO-1) against
+the 1-process run: losses, global grad norms (clipping active) and every updated weight. The default (None)
+is off on gloo (slower there, bench/sequence_parallel.py) and on as asked.
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ from test_parallel_steps import STEPS, _Batches
 TOL, LOSS_RTOL, WEIGHT_ATOL = 1e-6, 1e-5, 1e-5
 
 
-def _cfg_model():
+def _cfg_model(n_layers: int = 2):
     from llamactl.config import preset
 
     # dim 48 over 4 heads (2 kv heads: GQA split at tp 2), vocab 256: small enough for a few seconds per layout
-    return preset("tiny", dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16)
+    return preset("tiny", dim=48, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=16)
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
@@ -186,14 +187,14 @@ def _train(model, ctx, micro, run_dir, zero=False):
 
     res = fit(model, ctx, _train_cfg(zero), _Batches(model.cfg.vocab_size, ctx.dp, ctx.dp_rank, micro),
               run_dir=run_dir, show_progress=False)
-    assert res.step == STEPS and model.sequence_parallel
+    assert res.step == STEPS and model.sequence_parallel == (ctx.tp > 1)
     if ctx.world_size > 1:
         dist.barrier()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
 
 
-def _reference(rank, root):
+def _reference(rank, root, n_layers=2):
     """The 1-process run (SP asked for: a no-op at tp 1), trained on rank 0 and sent to the others."""
     import torch.distributed as dist
 
@@ -203,9 +204,9 @@ def _reference(rank, root):
     box = [None]
     if rank == 0:
         ctx = ParallelContext.single()
-        model = build_model(_cfg_model(), ctx, seed=0)
+        model = build_model(_cfg_model(n_layers), ctx, seed=0)
         init = {k: v.detach().clone() for k, v in model.named_parameters()}
-        losses, norms = _train(model, ctx, 2, root / "reference")
+        losses, norms = _train(model, ctx, 2, root / f"reference{n_layers}")
         moved = min((v.detach() - init[k]).abs().max().item() for k, v in model.named_parameters())
         assert moved > 1e-4, "every tensor must change, or the weight comparison proves little"
         assert min(norms) > _train_cfg().clip, "clipping must be active, or the global norm goes untested"
@@ -214,15 +215,15 @@ def _reference(rank, root):
     return box[0]
 
 
-def _layout(tp, pp, zero, micro, ref, root):
+def _layout(tp, pp, zero, micro, ref, root, virtual=1, n_layers=2):
     from llamactl.model import build_model
     from llamactl.parallel.context import ParallelContext
     from llamactl.parallel.tensor import shard_specs
 
     ref_losses, ref_norms, ref_w = ref
-    ctx = ParallelContext.from_world(tp, pp)
-    tag = f"SP tp{ctx.tp} pp{ctx.pp} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
-    model = build_model(_cfg_model(), ctx, seed=0)
+    ctx = ParallelContext.from_world(tp, pp, virtual_stages=virtual)
+    tag = f"SP tp{ctx.tp} pp{ctx.pp} V{virtual} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
+    model = build_model(_cfg_model(n_layers), ctx, seed=0)
     calls = []
     model.layers[str(model.layer_ids[0])].ffn_norm.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
     losses, norms = _train(model, ctx, micro, root / tag.replace(" ", "_"), zero)
@@ -251,13 +252,30 @@ def _two(rank, world, root):
     _mixed_step(ctx)
     ref = _reference(rank, root)
     _layout(2, 1, False, 2, ref, root)
+    _default_by_backend(ctx)
+
+
+def _default_by_backend(ctx):
+    """On gloo the default (None) is off; True / False are taken as asked; the Trainer applies the choice."""
+    from llamactl.model import build_model
+    from llamactl.parallel.sequence import use_sequence_parallel
+    from llamactl.trainer import Trainer
+
+    assert torch.distributed.get_backend(ctx.tp_group) == "gloo"
+    assert use_sequence_parallel(None, ctx) is False
+    assert use_sequence_parallel(True, ctx) is True and use_sequence_parallel(False, ctx) is False
+    for asked, want in ((None, False), (True, True), (False, False)):
+        model = build_model(_cfg_model(), ctx, seed=0)
+        Trainer(model, ctx, dataclasses.replace(_train_cfg(), sequence_parallel=asked))
+        assert model.sequence_parallel is want, asked
 
 
 def _four(rank, world, root):
     root = Path(root)
-    ref = _reference(rank, root)
-    _layout(2, 2, False, 1, ref, root)   # TP=2 x PP=2: stage inputs split, outputs gathered; 8 micro-batches
-    _layout(2, 1, True, 2, ref, root)    # TP=2 x DP=2 with ZeRO-1
+    ref = _reference(rank, root, n_layers=4)  # 4 layers: 2 chunks of one layer per rank at pp 2 x V 2
+    _layout(2, 2, False, 1, ref, root, n_layers=4)  # TP=2 x PP=2: stage inputs split, outputs gathered; 8 micro
+    _layout(2, 2, False, 1, ref, root, virtual=2, n_layers=4)  # TP=2 x PP=2 x V=2: split / gathered per chunk
+    _layout(2, 1, True, 2, ref, root, n_layers=4)  # TP=2 x DP=2 with ZeRO-1
 
 
 def test_sequence_parallel_ops_model_and_steps_2_ranks(tmp_path):
@@ -267,18 +285,17 @@ def test_sequence_parallel_ops_model_and_steps_2_ranks(tmp_path):
 
 
 def test_sequence_parallel_steps_4_ranks(tmp_path):
-    """5 training steps with SP at tp 2 x pp 2 and tp 2 x dp 2 (ZeRO-1) equal one process."""
+    """5 training steps with SP at tp 2 x pp 2, tp 2 x dp 2 (ZeRO-1) and tp 2 x pp 2 x V 2 equal one process."""
     spawn(_four, 4, str(tmp_path))
 
 
-def test_train_config_reaches_the_model():
-    """TrainConfig.sequence_parallel is what the Trainer sets on the model (the stages pass plan.parallel.sp)."""
+def test_one_process_never_splits():
+    """tp 1: whatever is asked, the Trainer leaves SP off (there is no tp group to split over)."""
     from llamactl.model import build_model
     from llamactl.parallel.context import ParallelContext
     from llamactl.trainer import Trainer
 
-    for on in (True, False):
+    for asked in (True, None, False):
         model = build_model(_cfg_model(), None, seed=0)
-        Trainer(model, ParallelContext.single(), dataclasses.replace(_train_cfg(), sequence_parallel=on))
-        assert model.sequence_parallel is on
-        assert not model.uses_sequence_parallel(16), "tp 1: nothing to split"
+        Trainer(model, ParallelContext.single(), dataclasses.replace(_train_cfg(), sequence_parallel=asked))
+        assert model.sequence_parallel is False and not model.uses_sequence_parallel(16)

@@ -246,7 +246,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
     tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        recompute=c.recompute, compile=c.compile, peak_flops=c.peak_flops, eval_every=c.eval_every,
-                       zero=plan.parallel.zero, sequence_parallel=plan.parallel.sp,
+                       zero=plan.parallel.zero, sequence_parallel=plan.parallel.sequence_parallel,
                        overlap_grad_reduce=plan.parallel.overlap_grad_reduce,
                        save_dtype=c.save_dtype)
     val = _val_batches(c, ctx, device) if c.eval_every else None

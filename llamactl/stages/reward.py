@@ -378,7 +378,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
     tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule="cosine",
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        eval_every=c.eval_every or (c.steps if val is not None else 0), zero=plan.parallel.zero,
-                       sequence_parallel=plan.parallel.sp,
+                       sequence_parallel=plan.parallel.sequence_parallel,
                        overlap_grad_reduce=plan.parallel.overlap_grad_reduce,
                        save_dtype=c.save_dtype)
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), loss_fn=reward_loss, tokenizer=tok_path,
