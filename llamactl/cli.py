@@ -148,6 +148,17 @@ def stage_command(*sections: str):
     return wrap
 
 
+def _peak_flops(flops: float | None, tflops: float | None) -> float | None:
+    """--peak-tflops (TFLOP/s) or its older spelling --peak-flops (FLOP/s), as FLOP/s."""
+    if tflops is None:
+        return flops
+    if flops is not None:
+        raise LlamactlError("give the peak once: --peak-tflops or --peak-flops (--peak-tflops)")
+    if not tflops > 0:
+        raise LlamactlError(f"peak TFLOP/s must be > 0, got {tflops} (--peak-tflops)")
+    return tflops * 1e12
+
+
 @app.command()
 @stage_command("pretrain", "model", "parallel")
 def pretrain(
@@ -168,7 +179,9 @@ def pretrain(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the one recorded with the data)."),
     recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Activation recomputation per layer."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step."),
-    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU (default: measured)."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s per device for MFU, e.g. 989 for an H100's bf16 (default: measured at the start)."),
+    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="The same in FLOP/s (an older spelling of --peak-tflops)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="When stdout is not a terminal (a cluster job's log, | tee): a plain log line every N steps instead of the progress bar (default 10)."),
     eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens", help="Held-out tokens scored at the end and by --eval-every (0: skip)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help='Validation loss on the val split every N steps, rows with "split": "val" in metrics.jsonl (0: off).'),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Stored weights: bfloat16 (default), float32 or float16; exact fp32 masters stay in train_state for --resume."),
@@ -197,7 +210,8 @@ def pretrain(
                  tokens=tokens, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr,
                  warmup=warmup, schedule=schedule, save_every=save_every, keep=keep, seed=seed,
                  tokenizer=str(tokenizer) if tokenizer else None, recompute=recompute, compile=compile,
-                 peak_flops=peak_flops, eval_tokens=eval_tokens, eval_every=eval_every, save_dtype=save_dtype,
+                 peak_flops=_peak_flops(peak_flops, peak_tflops), eval_tokens=eval_tokens, eval_every=eval_every,
+                 log_every=log_every, save_dtype=save_dtype,
                  device=device)
     run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
               dry_run=opts.dry_run, resume=opts.resume)
@@ -229,7 +243,9 @@ def sft(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help='Validation loss on --val every N steps, rows with "split": "val" in metrics.jsonl (0: only at the end).'),
     recompute: Optional[bool] = typer.Option(None, "--recompute/--no-recompute", help="Activation recomputation per layer."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step."),
-    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="Peak FLOP/s per device for MFU (default: measured)."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s per device for MFU, e.g. 989 for an H100's bf16 (default: measured at the start)."),
+    peak_flops: Optional[float] = typer.Option(None, "--peak-flops", help="The same in FLOP/s (an older spelling of --peak-tflops)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="When stdout is not a terminal (a cluster job's log, | tee): a plain log line every N steps instead of the progress bar (default 10)."),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Stored weights: bfloat16 (default), float32 or float16; exact fp32 masters stay in train_state for --resume."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     *,
@@ -249,7 +265,8 @@ def sft(
                  micro_batch=micro_batch, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, schedule=schedule,
                  weight_decay=weight_decay, clip=clip, cross_attention=cross_attention, overflow=overflow,
                  save_every=save_every, keep=keep, seed=seed, eval_every=eval_every, recompute=recompute,
-                 compile=compile, peak_flops=peak_flops, save_dtype=save_dtype, device=device)
+                 compile=compile, peak_flops=_peak_flops(peak_flops, peak_tflops), log_every=log_every,
+                 save_dtype=save_dtype, device=device)
     run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
               dry_run=opts.dry_run, resume=opts.resume)
 
@@ -611,6 +628,7 @@ def rm_train(
     keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept in the run dir."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the pair order."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation on --val every N steps (0: only at the end)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="When stdout is not a terminal (a cluster job's log, | tee): a plain log line every N steps instead of the progress bar (default 10)."),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Stored weights: bfloat16 (default), float32 or float16."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     *,
@@ -626,7 +644,7 @@ def rm_train(
     flags = dict(kind=kind, init=str(init) if init else None, data=str(data) if data else None, mix=mix,
                  out=str(out) if out else None, val=str(val) if val else None, margin=margin, epochs=epochs,
                  steps=steps, batch_pairs=batch_pairs, micro_batch=micro_batch, lr=lr, warmup=warmup,
-                 save_every=save_every, keep=keep, seed=seed, eval_every=eval_every, save_dtype=save_dtype,
+                 save_every=save_every, keep=keep, seed=seed, eval_every=eval_every, log_every=log_every, save_dtype=save_dtype,
                  device=device)
     run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
               dry_run=opts.dry_run, resume=opts.resume)
@@ -710,6 +728,7 @@ def rlhf_rs(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="SFT checkpoint every N steps."),
     keep: Optional[int] = typer.Option(None, "--keep", help="SFT checkpoints kept."),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="SFT stored weights: bfloat16 (default), float32 or float16."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="When stdout is not a terminal (a cluster job's log, | tee): a plain log line every N steps instead of the progress bar (default 10)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     *,
     opts: StageOptions,
@@ -733,7 +752,7 @@ def rlhf_rs(
                  iteration=iteration, gen_batch=gen_batch, device=device)
     sft_flags = dict(lr=lr, epochs=epochs, steps=steps, batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len,
                      warmup=warmup, schedule=schedule, save_every=save_every, keep=keep, save_dtype=save_dtype,
-                     seed=seed)
+                     seed=seed, log_every=log_every)
     run_stage(functools.partial(stage.resolve, sft_flags=sft_flags), stage.describe, stage.run, flags=flags,
               launch=opts.launch, config=opts.config, dry_run=opts.dry_run, resume=opts.resume)
 
@@ -883,6 +902,7 @@ def gatt_train(
     cross_attention: Optional[bool] = typer.Option(None, "--cross-attention/--no-cross-attention", help="Packed samples attend to each other (default: no, each starts at position 0 with its instruction)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
     keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="When stdout is not a terminal (a cluster job's log, | tee): a plain log line every N steps instead of the progress bar (default 10)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (sampling and training)."),
     *,
     opts: StageOptions,
@@ -901,7 +921,7 @@ def gatt_train(
                  constraints_file=str(constraints) if constraints else None, max_parts=max_parts, concise=concise,
                  ghost=ghost, gen_batch_size=gen_batch_size, seed=seed, epochs=epochs, steps=steps, seq_len=seq_len,
                  batch_size=batch_size, micro_batch=micro_batch, lr=lr, warmup=warmup, schedule=schedule,
-                 cross_attention=cross_attention, save_every=save_every, keep=keep, device=device,
+                 cross_attention=cross_attention, save_every=save_every, keep=keep, log_every=log_every, device=device,
                  dry_run=opts.dry_run, resume=opts.resume)
     run_stage(stage.resolve, stage.describe, stage.run, flags=flags, launch=opts.launch, config=opts.config,
               dry_run=opts.dry_run, resume=opts.resume)

@@ -67,7 +67,7 @@ class TrainConfig:
     sequence_parallel: bool | None = False  # Megatron-SP in the tp group; None: on for NCCL, off on gloo
     compile: bool = False           # torch.compile the model for the training step
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured with a quick matmul
-    log_every: int = 1
+    log_every: int = 10             # plain log line every N steps when stdout is not a terminal (ui.TrainProgress)
     eval_every: int = 0             # validation every N steps (0: never; needs eval batches)
     zero: bool = False              # ZeRO-1: AdamW state sharded over data parallel
     save_dtype: str = "bfloat16"    # stored weights; fp32 masters stay in train_state for exact resume
@@ -89,6 +89,8 @@ class TrainConfig:
             raise LlamactlError(f"clip must be >= 0 (0: off), got {self.clip} (--clip)")
         if self.save_every < 0:
             raise LlamactlError(f"save_every must be >= 0, got {self.save_every} (--save-every)")
+        if self.log_every < 1:
+            raise LlamactlError(f"log_every must be >= 1, got {self.log_every} (--log-every)")
         if self.eval_every < 0:
             raise LlamactlError(f"eval_every must be >= 0 (0: off), got {self.eval_every} (--eval-every)")
         if self.save_dtype not in SAVE_DTYPES:
@@ -358,9 +360,9 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dump_toml(config_sections))
 
-    from llamactl.flops import measure_peak_flops
+    from llamactl.flops import mfu as sane_mfu, run_peak_flops
 
-    peak = cfg.peak_flops or (measure_peak_flops(trainer.device) if flops_per_token else None)
+    peak = cfg.peak_flops or (run_peak_flops(trainer.device, ctx) if flops_per_token else None)
     log = _MetricsLog(metrics_path, stage, ctx.is_main)
 
     def save() -> Path:
@@ -381,14 +383,11 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
         return report({"step": trainer.global_step, "split": "val", "loss": ev.loss, "tokens": trainer.tokens,
                        "eval_tokens": ev.tokens, **ev.extras})
 
-    from rich.progress import TextColumn
-
-    from llamactl.ui import progress
+    from llamactl.ui import TrainProgress
 
     last_loss, last_ckpt, stopped = None, None, None
-    with SignalFlag() as flag, progress(TextColumn("{task.fields[stats]}"),
-                                        disable=not (show_progress and ctx.is_main)) as bar:
-        task = bar.add_task(stage, total=cfg.steps, completed=trainer.global_step, stats="")
+    with SignalFlag() as flag, TrainProgress(stage, cfg.steps, trainer.global_step, every=cfg.log_every, peak=peak,
+                                             enabled=show_progress and ctx.is_main, measured=not cfg.peak_flops) as bar:
         while trainer.global_step < cfg.steps:
             t0 = time.perf_counter()
             try:
@@ -403,14 +402,12 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
             tps = out.tokens / dt
             mfu = (tps * flops_per_token / (peak * ctx.world_size)) if (flops_per_token and peak) else None
             row = {"step": step, "split": "train", "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
-                   "tokens": trainer.tokens, "tokens_per_s": tps, "mfu": mfu, **out.extras}
+                   "tokens": trainer.tokens, "tokens_per_s": tps,
+                   "mfu": sane_mfu(tps, flops_per_token, peak, ctx.world_size), **out.extras}
             asked = report(row)
-            stats = f"loss {out.loss:.4f} lr {out.lr:.2e} gnorm {out.grad_norm:.3f} {tps:,.0f} tok/s"
-            if mfu is not None:
-                stats += f" MFU {100 * mfu:.1f}%"
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 asked = validate() or asked
-            bar.update(task, completed=step, stats=stats)
+            bar.step(step, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm, tokens_per_s=tps, mfu=mfu)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 last_ckpt = save()
             fault_injection(step)

@@ -54,6 +54,7 @@ class PretrainConfig:
     peak_flops: float | None = None
     eval_tokens: int = 65536           # held-out tokens scored at the end and by --eval-every (0: skip)
     eval_every: int = 0                # validation on the val split every N steps (0: only at the end)
+    log_every: int = 10                # plain log line every N steps when stdout is not a terminal
     save_dtype: str = "bfloat16"       # stored weights; exact fp32 masters stay in train_state
     device: str = "auto"
 
@@ -89,7 +90,7 @@ def _check(value, name: str, flag: str, *, low: float = 1, kind=int) -> None:
 
 def _check_given(cfg: PretrainConfig) -> None:
     for name, low in (("steps", 1), ("tokens", 1), ("seq_len", 1), ("batch_tokens", 1), ("micro_batch", 1),
-                      ("warmup", 0), ("save_every", 0), ("keep", 1), ("eval_tokens", 0), ("eval_every", 0),
+                      ("warmup", 0), ("save_every", 0), ("keep", 1), ("eval_tokens", 0), ("eval_every", 0), ("log_every", 1),
                       ("seed", 0)):
         _check(getattr(cfg, name), name, "--" + name.replace("_", "-"), low=low)
     for name, low in (("lr", 0.0), ("min_lr_ratio", 0.0), ("weight_decay", 0.0), ("clip", 0.0)):
@@ -243,7 +244,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
     sampler = WindowSampler(train, c.seq_len, seed=c.seed)
     batches = PretrainBatches(sampler, c.micro_batch, plan.accum, ctx.dp, ctx.dp_rank)
     model = build_model(plan.model, ctx, "lm", device=device, seed=None if resume else c.seed)
-    tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
+    tcfg = TrainConfig(steps=c.steps, log_every=c.log_every, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        recompute=c.recompute, compile=c.compile, peak_flops=c.peak_flops, eval_every=c.eval_every,
                        zero=plan.parallel.zero, sequence_parallel=plan.parallel.sequence_parallel,

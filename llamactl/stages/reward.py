@@ -240,6 +240,7 @@ class RewardConfig:
     keep: int = 3
     seed: int = 0
     eval_every: int = 0
+    log_every: int = 10                # plain log line every N steps when stdout is not a terminal
     save_dtype: str = "bfloat16"
     device: str = "auto"
 
@@ -289,7 +290,7 @@ def resolve(flags: dict[str, Any], config_file: Path | None = None, parallel: di
     c.margin = c.margin or DEFAULT_MARGIN[c.kind]
     margin(None, c.margin)
     for name, low in (("batch_pairs", 1), ("micro_batch", 1), ("save_every", 0), ("keep", 1), ("eval_every", 0),
-                      ("seed", 0)):
+                      ("seed", 0), ("log_every", 1)):
         if getattr(c, name) < low:
             raise LlamactlError(f"{name} must be >= {low}, got {getattr(c, name)} (--{name.replace('_', '-')})")
     if c.steps is not None and c.steps < 1:
@@ -375,12 +376,11 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True):
         vb = [RewardBatch.from_pairs(mine[i:i + c.micro_batch]) for i in range(0, len(mine), c.micro_batch)]
         val = lambda: vb  # noqa: E731
     model, _ = load_model(init, ctx, device=device, head="reward", flag="--init")
-    tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule="cosine",
+    tcfg = TrainConfig(steps=c.steps, log_every=c.log_every, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule="cosine",
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        eval_every=c.eval_every or (c.steps if val is not None else 0), zero=plan.parallel.zero,
                        sequence_parallel=plan.parallel.sequence_parallel,
-                       overlap_grad_reduce=plan.parallel.overlap_grad_reduce,
-                       save_dtype=c.save_dtype)
+                       overlap_grad_reduce=plan.parallel.overlap_grad_reduce, save_dtype=c.save_dtype)
     result = fit(model, ctx, tcfg, batches, run_dir=Path(c.out), loss_fn=reward_loss, tokenizer=tok_path,
                  stage="reward", resume=resume, eval_batches=val,
                  config_sections={"reward": c, "model": plan.model, "parallel": plan.parallel},

@@ -53,6 +53,7 @@ class SFTConfig:
     keep: int = 3
     seed: int = 0
     eval_every: int = 0
+    log_every: int = 10                # plain log line every N steps when stdout is not a terminal
     recompute: bool = False
     compile: bool = False
     peak_flops: float | None = None
@@ -146,7 +147,7 @@ def _check_given(cfg: SFTConfig) -> None:
     from llamactl.trainer import SAVE_DTYPES
 
     for name, low in (("epochs", 1), ("steps", 1), ("seq_len", 1), ("batch_size", 1), ("micro_batch", 1),
-                      ("warmup", 0), ("save_every", 0), ("keep", 1), ("eval_every", 0), ("seed", 0)):
+                      ("warmup", 0), ("save_every", 0), ("keep", 1), ("eval_every", 0), ("seed", 0), ("log_every", 1)):
         _check(getattr(cfg, name), name, "--" + name.replace("_", "-"), low=low)
     for name in ("lr", "min_lr_ratio", "weight_decay", "clip"):
         _check(getattr(cfg, name), name, "--" + name.replace("_", "-"), low=0.0, kind=float)
@@ -314,7 +315,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, st
     pad = Tokenizer.load(plan.tokenizer).eos_id
     batches = SFTBatches(plan.samples, c.seq_len, pad_id=pad, micro_batch=c.micro_batch, accum=plan.accum,
                          dp=ctx.dp, dp_rank=ctx.dp_rank, seed=c.seed, overflow=c.overflow)
-    tcfg = TrainConfig(steps=c.steps, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
+    tcfg = TrainConfig(steps=c.steps, log_every=c.log_every, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup=c.warmup, schedule=c.schedule,
                        weight_decay=c.weight_decay, clip=c.clip, save_every=c.save_every, keep=c.keep, seed=c.seed,
                        recompute=c.recompute, compile=c.compile, peak_flops=c.peak_flops, eval_every=c.eval_every,
                        zero=plan.parallel.zero, sequence_parallel=plan.parallel.sequence_parallel,
