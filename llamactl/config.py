@@ -106,7 +106,6 @@ class ParallelConfig:
     nproc: int = 1
     nnodes: int = 1
     zero: bool = False
-    microbatches: int | None = None  # pipeline micro-batches per step (default: pp * 2)
     sequence_parallel: bool | None = None  # Megatron-SP inside the tp group; None: on when tp > 1
     virtual_stages: int = 1  # interleaved 1F1B: model chunks per pipeline rank (1: plain 1F1B)
     overlap_grad_reduce: bool = True  # dp gradient buckets reduced from backward hooks as they fill

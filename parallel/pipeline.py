@@ -105,7 +105,7 @@ def check_microbatches(pp: int, virtual: int, micro: int) -> None:
     """The interleaved schedule runs micro-batches in groups of pp: refuse any other count (one line)."""
     if virtual > 1 and micro % pp:
         raise LayoutError(f"the interleaved schedule (--virtual-stages {virtual}) needs the micro-batches per step to "
-                          f"be a multiple of --pp {pp}, got {micro} (--microbatches, or --batch-tokens / --micro-batch)")
+                          f"be a multiple of --pp {pp}, got {micro} (the global batch over --micro-batch and data parallelism: --batch-tokens / --batch-size)")
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_micro_batch_count_must_be_a_multiple_of_pp():
     from llamactl.parallel.context import LayoutError
     from llamactl.parallel.pipeline import schedule
 
-    with pytest.raises(LayoutError, match=r"multiple of --pp 2, got 3 \(--microbatches"):
+    with pytest.raises(LayoutError, match=r"multiple of --pp 2, got 3 \(the global batch over --micro-batch"):
         schedule(2, 0, 2, 3)
     assert schedule(2, 0, 1, 3)  # plain 1F1B takes any count
 
