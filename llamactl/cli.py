@@ -204,7 +204,7 @@ def pretrain(
         pflags.setdefault("nproc", (pflags.get("tp") or 1) * (pflags.get("pp") or 1))  # a plan needs no processes
         par = resolve_parallel({}, pflags)
         dry_run_plan(size or "tiny", "pretrain", tp=par.tp, pp=par.pp, gpus=par.world, seq_len=seq_len,
-                     micro_batch=micro_batch, tokens=tokens, zero=par.zero)
+                     micro_batch=micro_batch, tokens=tokens, zero=par.zero, virtual_stages=par.virtual_stages)
         return
     flags = dict(size=size, data=str(data) if data else None, out=str(out) if out else None, steps=steps,
                  tokens=tokens, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, lr=lr,

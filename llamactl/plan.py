@@ -489,17 +489,19 @@ def print_plan(plan: Plan) -> None:
 
 def print_run_plan(size: str, cfg: ModelConfig, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int,
                    micro_batch: int = 1, tokens: float | None = None, gpu_mem: float = 80.0,
-                   rows: int | None = None) -> Plan:
-    """What a stage's --dry-run shows: the plan of its own layout (tp x pp over max(gpus, tp*pp) GPUs) and,
-    given `rows`, its own global batch in sequences (not tokens)."""
+                   rows: int | None = None, virtual_stages: int = 1) -> Plan:
+    """What a stage's --dry-run shows: the plan of its own layout (tp x pp over max(gpus, tp*pp) GPUs, its
+    --virtual-stages) and, given `rows`, its own global batch in sequences (not tokens)."""
     plan = make_plan(size, stage, gpus=max(gpus, tp * pp), gpu_mem=gpu_mem, seq_len=seq_len,
-                     micro_batch=micro_batch, tokens=tokens, tp=tp, pp=pp, cfg=cfg, rows=rows)
+                     micro_batch=micro_batch, tokens=tokens, tp=tp, pp=pp, cfg=cfg, rows=rows,
+                     virtual_stages=virtual_stages)
     print_plan(plan)
     return plan
 
 
 def dry_run_plan(size: str, stage: str, *, tp: int, pp: int, gpus: int, seq_len: int | None = None,
-                 micro_batch: int | None = None, tokens: float | None = None, zero: bool = False) -> Plan:
+                 micro_batch: int | None = None, tokens: float | None = None, zero: bool = False,
+                 virtual_stages: int = 1) -> Plan:
     """--dry-run without data: the preset's resolved model and layout, then the plan of that layout."""
     from llamactl.config import ParallelConfig, dump_toml
     from llamactl.ui import console
@@ -509,8 +511,8 @@ def dry_run_plan(size: str, stage: str, *, tp: int, pp: int, gpus: int, seq_len:
     if err:
         raise LlamactlError(err)
     seq = seq_len if seq_len is not None else min(4096, cfg.max_seq_len)
-    par = ParallelConfig(tp=tp, pp=pp, nproc=max(gpus, tp * pp), zero=zero)
+    par = ParallelConfig(tp=tp, pp=pp, nproc=max(gpus, tp * pp), zero=zero, virtual_stages=virtual_stages)
     console.print(dump_toml({"model": cfg, "parallel": par}), markup=False)
     console.print(f"(no --data given: the {stage} settings that depend on the data and tokenizer resolve once it is)")
     return print_run_plan(size, cfg, stage, tp=tp, pp=pp, gpus=gpus, seq_len=seq, micro_batch=1 if micro_batch is None else micro_batch,
-                          tokens=tokens)
+                          tokens=tokens, virtual_stages=virtual_stages)

@@ -4,7 +4,10 @@ rank, however launched (`torchrun ... -m llamactl <stage>` too), calls `init_dis
 Under torchrun the environment carries RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; the
 process group uses NCCL when CUDA is available (each rank on cuda:LOCAL_RANK), gloo otherwise.
 Multi-node: the same command on every node with --nnodes / --node-rank / --master-addr / --master-port,
-which pass straight through to torchrun. dp = world / (tp * pp).
+which pass straight through to torchrun: its static rendezvous, hosted by node 0's agent at
+master-addr:master-port, which every node's agent joins (tests/test_multinode.py runs two on one machine;
+examples/ has a Slurm script and a plain one). The ranks are numbered node by node, so --node-rank fixes
+which pipeline stages a node holds. dp = world / (tp * pp).
 torch is imported inside the functions that need it: the CLI reads this module before any torch work.
 """
 from __future__ import annotations
@@ -111,6 +114,9 @@ def relaunch(argv: list[str], tp: int, pp: int, lc: LaunchConfig, *, debug: bool
     from torch.distributed.run import parse_args, run
 
     validate_world(tp, pp, lc)
+    if lc.nnodes > 1 and not lc.master_addr:  # torchrun would default to 127.0.0.1: node 1 would wait on itself
+        raise LayoutError(f"--nnodes {lc.nnodes} needs --master-addr: the address of node 0, the same on every "
+                          f"node (--master-addr)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // lc.nproc)))
     # On SIGINT / SIGTERM the agent passes the signal on and SIGKILLs ranks still running after this many
     # seconds (torch's default: 30). Ranks finish their step and write a checkpoint first, which takes

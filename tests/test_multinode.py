@@ -27,6 +27,19 @@ def test_rendezvous_arguments_for_several_nodes():
     assert one[:3] == ["--nproc-per-node=2", "--nnodes=1", "--standalone"]
 
 
+def test_several_nodes_need_the_master_address(tiny_data, tmp_path, capsys):
+    """torchrun's default master address is 127.0.0.1: node 1 would wait for a rendezvous on itself."""
+    from llamactl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--tp", "2", "--nproc", "2",
+              "--nnodes", "2", "--node-rank", "1"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert e.value.code == 1 and err == ["error: --nnodes 2 needs --master-addr: the address of node 0, the same on "
+                                         "every node (--master-addr)"]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tiny_corpus, tiny_tokenizer, tmp_path_factory):
     from llamactl.data import prepare

@@ -137,6 +137,30 @@ def test_dry_run_plans_without_the_local_world(capsys):
     code, out, err = _cli(capsys, "pretrain", "--size", "70b", "--dry-run", "--tp", "8", "--pp", "8")
     assert code in (0, None), err
     assert "tp 8 x pp 8 x dp 1" in out and "meta-device check passed" in out
+    code, out, err = _cli(capsys, "pretrain", "--size", "70b", "--dry-run", "--tp", "8", "--pp", "8",
+                          "--virtual-stages", "5")
+    assert code in (0, None), err
+    assert "plan: tp 8 x pp 8 x dp 1 x V 5" in out and "0.14%" in out   # 7 / (5 x 1024 + 7): the run's own V
+
+
+def test_dry_run_with_data_plans_without_the_local_world(capsys, tiny_corpus, tiny_tokenizer, tmp_path):
+    """With data (or a [parallel] config file) a dry run resolves the whole run, and still plans tp x pp
+    processes when --nproc is not given; a given --nproc is checked."""
+    from llamactl.data import prepare
+
+    src = tmp_path / "text.txt"
+    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:50]))
+    prepare([src], tiny_tokenizer, tmp_path / "data", val_fraction=0.0, workers=1, show_progress=False)
+    base = ("pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--dry-run")
+    code, out, err = _cli(capsys, *base, "--tp", "2", "--pp", "2", "--virtual-stages", "2")
+    assert code in (0, None), err
+    assert "plan: tp 2 x pp 2 x dp 1 x V 2" in out
+    (tmp_path / "p.toml").write_text("[parallel]\ntp = 2\npp = 2\n")
+    code, out, err = _cli(capsys, *base, "--config", str(tmp_path / "p.toml"))
+    assert code in (0, None) and "plan: tp 2 x pp 2 x dp 1" in out, err
+    code, out, err = _cli(capsys, *base, "--tp", "2", "--pp", "2", "--nproc", "3")
+    assert code == 1 and "does not divide the 3 processes" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args,msg", [(("--tp", "3"), "--tp 3 does not divide the 32 attention heads"),

@@ -208,7 +208,7 @@ def describe(plan: Plan) -> None:
             ["checkpoint every", f"{c.save_every} steps (keep {c.keep})"]]
     console.print(table("pretraining plan", ["", "value"], rows))
     print_run_plan(c.size, m, "pretrain", tp=par.tp, pp=par.pp, gpus=par.world, seq_len=c.seq_len,
-                   micro_batch=c.micro_batch, tokens=c.tokens, rows=plan.step_sequences)
+                   micro_batch=c.micro_batch, tokens=c.tokens, rows=plan.step_sequences, virtual_stages=par.virtual_stages)
 
 
 def _val_batches(c: PretrainConfig, ctx, device: str):

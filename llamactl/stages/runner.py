@@ -52,6 +52,22 @@ def resolve_parallel(section: dict[str, Any], flags: dict[str, Any], config_file
     return par
 
 
+def plan_world(launch: LaunchOptions, config: Path | None) -> LaunchOptions:
+    """What --dry-run plans for: without --nproc (flag or [parallel] nproc), as many processes as tp x pp need,
+    so a dry run shows the plan of a layout this machine could never start instead of refusing it."""
+    if launch.nproc is not None or ("WORLD_SIZE" in os.environ and "RANK" in os.environ):
+        return launch
+    from dataclasses import replace
+
+    from llamactl.config import load_toml
+
+    section = (load_toml(config).get("parallel", {}) if config else {}) or {}
+    if "nproc" in section:
+        return launch
+    tp, pp = launch.tp or section.get("tp", 1), launch.pp or section.get("pp", 1)
+    return replace(launch, nproc=tp * pp if isinstance(tp, int) and isinstance(pp, int) and tp * pp > 0 else None)
+
+
 def run_stage(resolve: Callable, describe: Callable, run: Callable, *, flags: dict[str, Any],
               launch: LaunchOptions, config: Path | None = None, dry_run: bool = False, resume: bool = False) -> Any:
     """Resolve the stage's plan, check its layout, print it (--dry-run) or relaunch under torchrun (--nproc > 1),
@@ -60,7 +76,7 @@ def run_stage(resolve: Callable, describe: Callable, run: Callable, *, flags: di
     from llamactl.parallel.launch import LaunchConfig, init_distributed, maybe_relaunch
     from llamactl.plan import layout_error
 
-    plan = resolve(flags, config, launch.parallel_flags())
+    plan = resolve(flags, config, (plan_world(launch, config) if dry_run else launch).parallel_flags())
     par = plan.parallel
     err = layout_error(plan.model, par.tp, par.pp)
     if err:

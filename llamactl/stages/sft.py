@@ -254,7 +254,8 @@ def describe(plan: Plan) -> None:
             ["checkpoint every", f"{c.save_every} steps (keep {c.keep})"]]
     console.print(table("SFT plan", ["", "value"], rows))
     print_run_plan("init", m, "sft", tp=par.tp, pp=par.pp, gpus=par.world, seq_len=c.seq_len,
-                   micro_batch=c.micro_batch, tokens=c.steps * plan.step_tokens, rows=plan.step_sequences)
+                   micro_batch=c.micro_batch, tokens=c.steps * plan.step_tokens, rows=plan.step_sequences,
+                   virtual_stages=par.virtual_stages)
 
 
 # ---- run --------------------------------------------------------------------------------------------
