@@ -1,6 +1,7 @@
 """Megatron sequence parallelism (parallel/sequence.py, model.sequence_parallel) against one process, on gloo.
 
-Layer level (fp32, 1e-6): the four sequence ops forward and backward against plain torch on the same global
+Layer level (fp32, 1e-6): the four sequence ops and the layers' SP paths (embedding, column / row linears,
+RMSNorm with its gain's gradient summed over tp) forward and backward against plain torch on the same global
 tensors; the model's forward and every gradient with SP at tp 2, with the sequence divisible by tp (split:
 checked by the norms seeing T/tp rows) and not (the plain path), with recomputation, with packed-sample
 masks and RoPE positions, micro-batches of both kinds in one step. Whole steps (1e-5): `trainer.fit` with
@@ -82,6 +83,88 @@ def _ops(ctx):
     assert sequence_split(ctx, t) and not sequence_split(ctx, t + 1)
     with pytest.raises(ValueError, match="does not split"):
         split_to_sequence(rnd(b, t + 1, d), ctx)
+
+
+def _layers(ctx):
+    """The layers' SP paths against plain torch: embedding (reduce-scatter), column linear on a gathered input,
+    row linear (reduce-scatter), RMSNorm over this rank's rows with its gain's gradient summed over tp."""
+    import torch.nn.functional as F
+
+    from llamactl.model import RMSNorm
+    from llamactl.parallel.sequence import gather_from_sequence
+    from llamactl.parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    tp, r = ctx.tp, ctx.tp_rank
+    g = torch.Generator().manual_seed(13)
+    b, n = 3, 5
+    t, mine = n * tp, slice(r * n, (r + 1) * n)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    # vocab-parallel embedding -> this rank's positions
+    vocab, dim = 7 * tp, 9
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    ids[0, :tp] = torch.arange(tp) * 7  # the first id of every shard
+    w, gy = rnd(vocab, dim), rnd(b, t, dim)
+    wr = w.clone().requires_grad_()
+    (F.embedding(ids, wr) * gy).sum().backward()
+    emb = VocabParallelEmbedding(vocab, dim, ctx)
+    with torch.no_grad():
+        emb.weight.copy_(w[r * 7:(r + 1) * 7])
+    y = emb(ids, sequence_parallel=True)
+    _close("embedding SP out", y, F.embedding(ids, w)[:, mine])
+    (y * gy[:, mine]).sum().backward()
+    _close("embedding SP grad w", emb.weight.grad, wr.grad[r * 7:(r + 1) * 7])
+    # column-parallel linear on the gathered sequence (no f op: the gather's backward sums over ranks)
+    n_in, n_out = 11, 3 * tp
+    x, w, gy = rnd(b, t, n_in), rnd(n_out, n_in), rnd(b, t, n_out)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (F.linear(xr, wr) * gy).sum().backward()
+    col = ColumnParallelLinear(n_in, n_out, ctx)
+    with torch.no_grad():
+        col.weight.copy_(w[r * 3:(r + 1) * 3])
+    xl = x[:, mine].clone().requires_grad_()
+    y = col(gather_from_sequence(xl, ctx), input_gathered=True)
+    _close("column SP out", y, F.linear(x, w)[..., r * 3:(r + 1) * 3])
+    (y * gy[..., r * 3:(r + 1) * 3]).sum().backward()
+    _close("column SP grad x", xl.grad, xr.grad[:, mine])
+    _close("column SP grad w", col.weight.grad, wr.grad[r * 3:(r + 1) * 3])
+    # row-parallel linear -> this rank's positions of the summed output
+    n_in, n_out = 5 * tp, 7
+    x, w, gy = rnd(b, t, n_in), rnd(n_out, n_in), rnd(b, t, n_out)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (F.linear(xr, wr) * gy).sum().backward()
+    row = RowParallelLinear(n_in, n_out, ctx)
+    with torch.no_grad():
+        row.weight.copy_(w[:, r * 5:(r + 1) * 5])
+    xl = x[..., r * 5:(r + 1) * 5].clone().requires_grad_()
+    y = row(xl, sequence_parallel=True)
+    _close("row SP out", y, F.linear(x, w)[:, mine])
+    (y * gy[:, mine]).sum().backward()
+    _close("row SP grad x", xl.grad, xr.grad[..., r * 5:(r + 1) * 5])
+    _close("row SP grad w", row.weight.grad, wr.grad[:, r * 5:(r + 1) * 5])
+    # RMSNorm over this rank's rows: the gain's gradient summed over tp equals the whole sequence's
+    x, w, gy = rnd(b, t, 9), rnd(9), rnd(b, t, 9)
+    ref = RMSNorm(9, 1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(w)
+    xr = x.clone().requires_grad_()
+    (ref(xr) * gy).sum().backward()
+    norm = RMSNorm(9, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    xl = x[:, mine].clone().requires_grad_()
+    y = norm(xl, ctx.tp_group)
+    _close("norm SP out", y, ref(x)[:, mine])
+    (y * gy[:, mine]).sum().backward()
+    _close("norm SP grad x", xl.grad, xr.grad[:, mine])
+    _close("norm SP grad gain (summed over tp)", norm.weight.grad, ref.weight.grad)
+    local = RMSNorm(9, 1e-5)  # without the sum a rank holds only its rows' part: the test above can fail
+    with torch.no_grad():
+        local.weight.copy_(w)
+    (local(x[:, mine]) * gy[:, mine]).sum().backward()
+    assert (local.weight.grad - ref.weight.grad).abs().max() > 1e-3
 
 
 # ---- the model's forward and gradients ------------------------------------------------------------
@@ -248,6 +331,7 @@ def _two(rank, world, root):
     root = Path(root)
     ctx = ParallelContext.from_world(2, 1)
     _ops(ctx)
+    _layers(ctx)
     _model_grads(ctx)
     _mixed_step(ctx)
     ref = _reference(rank, root)
