@@ -147,6 +147,12 @@ class Option:
         return bubble(self.pp, self.n_micro, self.virtual)
 
     @property
+    def short(self) -> str:
+        """'selective, SP, ZeRO-1' (the layouts table's fits column)."""
+        parts = [{"none": "stored", "selective": "selective", "full": "full"}[self.recompute]]
+        return ", ".join(parts + (["SP"] if self.sp else []) + (["ZeRO-1"] if self.zero else []))
+
+    @property
     def setting(self) -> str:
         """'selective, SP, ZeRO-1': what this option turns on, for tables and the closing line."""
         parts = [{"none": "no recomputation", "selective": "selective recomputation",
@@ -443,7 +449,7 @@ def print_plan(plan: Plan) -> None:
                      if y.fits), None)
         lay_rows.append([x.tp, x.pp, x.dp, x.virtual, cell("none", False, False), cell("selective", False, False),
                          cell("selective", False, True), cell("selective", True, True), _gib(full), f"{x.bubble:.2%}",
-                         f"yes ({fits.setting})" if fits else "no"])
+                         f"yes: {fits.short}" if fits else "no"])
     console.print(table("layouts (GiB per GPU of the most loaded stage; SP: sequence parallel, selective: "
                         "attention scores recomputed, full: every layer recomputed, with SP and ZeRO-1 where they exist)",
                         ["tp", "pp", "dp", "V", "stored", "selective", "+ SP", "+ ZeRO-1", "full", "bubble", "fits"],
