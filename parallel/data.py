@@ -37,6 +37,7 @@ where it can, also under ZeRO-1.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -148,7 +149,17 @@ class GradReducer:
             self._offs = [_offsets(p.numel() for p in b) for b in self.buckets]
         self._bucket_of = {id(p): k for k, b in enumerate(self.buckets) for p in b}
         self._bufs: list[torch.Tensor | None] = [None] * len(self.buckets)  # flat grads, or ZeRO-1 shards
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params] if self.overlap else []
+        self._hooks = []
+        if self.overlap:  # the hooks hold the reducer weakly: a dropped Trainer's reducer (and buffers) can go
+            ref = weakref.ref(self)
+
+            def hook(p: nn.Parameter) -> None:
+                reducer = ref()
+                if reducer is not None:
+                    reducer._hook(p)
+
+            self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in self.params]
+            weakref.finalize(self, _remove_hooks, self._hooks)
         self._reset()
 
     def _reset(self) -> None:
@@ -225,10 +236,14 @@ class GradReducer:
         return self.zero.masters if self.sharded else self.params
 
     def remove(self) -> None:
-        """Detach the hooks (a reducer that is no longer used)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Detach the hooks now (they also go when the reducer is garbage collected)."""
+        _remove_hooks(self._hooks)
+
+
+def _remove_hooks(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 # ---- global gradient norm ---------------------------------------------------------------------------
