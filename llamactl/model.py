@@ -11,12 +11,13 @@ value at its last token, see `last_token`).
 
 Sequence parallelism (`model.sequence_parallel`, set by the trainer like `recompute`; parallel/sequence.py):
 in training forwards with grad, tp > 1, no KV cache and T divisible by tp, the residual stream and the
-RMSNorms of the blocks run on this rank's T/tp positions; the blocks gather the sequence before q|k|v and
-w1|w3 and reduce-scatter after wo and w2, and the norm weights' gradients are summed over tp inside backward
-(reduce_grad_over), so data-parallel reduction, ZeRO and the grad norm (norms counted once over tp) see
-whole gradients. Every other forward (T % tp != 0, a cache, eval, no grad) runs the plain path: exact
-either way. A stage's input and output and the final norm + head stay whole-sequence tensors (pipeline p2p
-sends the full activations; Megatron's p2p of split activations is not done).
+RMSNorms of the blocks run on this rank's T/tp positions; the blocks gather the sequence into q|k|v and
+w1|w3 (keeping only the slice for backward) and reduce-scatter after wo and w2, and the norm weights'
+gradients are summed over tp inside backward (reduce_grad_over), so data-parallel reduction, ZeRO and the
+grad norm (norms counted once over tp) see whole gradients. Every other forward (T % tp != 0, a cache, eval,
+no grad) runs the plain path: exact either way. A stage's input and output and the final norm + head stay
+whole-sequence tensors (pipeline p2p sends the full activations; Megatron's p2p of split activations is not
+done).
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ from llamactl.kernels import apply_rope, causal_attention, gemv_fused, rms_norm,
 from llamactl.kernels.reference import repeat_kv
 from llamactl.parallel.context import ParallelContext
 from llamactl.parallel.pipeline import chunk_layers
-from llamactl.parallel.sequence import gather_from_sequence, gather_sequence, sequence_split, split_to_sequence
+from llamactl.parallel.sequence import gather_sequence, sequence_split, split_to_sequence
 from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPShard, VocabParallelEmbedding,
-                                      reduce_from_tp, reduce_grad_over, shard_specs)
+                                      column_parallel_on_sequence, reduce_from_tp, reduce_grad_over, shard_specs)
 
 HEADS = ("lm", "reward", "value")
 
@@ -105,14 +106,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int, sp: bool = False):
         """sp: x is this rank's slice of the sequence; the output is too (sequence parallelism)."""
-        if sp:
-            x = gather_from_sequence(x, self.ctx)
-        b, t, _ = x.shape
         f = None if sp else fused_weight(self)
-        if f is not None:  # inference after fuse_projections: one GEMM for q, k and v
+        if sp:
+            q, k, v = column_parallel_on_sequence(x, (self.wq, self.wk, self.wv), self.ctx)
+        elif f is not None:  # inference after fuse_projections: one GEMM for q, k and v
             q, k, v = inference_linear(self, "qkv", x, f.weight).split_with_sizes(f.sizes, dim=-1)
         else:
-            q, k, v = self.wq(x, input_gathered=sp), self.wk(x, input_gathered=sp), self.wv(x, input_gathered=sp)
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        b, t = q.shape[:2]
         q = q.view(b, t, self.n_local_heads, self.head_dim)
         k = k.view(b, t, self.n_local_kv, self.head_dim)
         v = v.view(b, t, self.n_local_kv, self.head_dim)
@@ -146,9 +147,8 @@ class FeedForward(nn.Module):
     def forward(self, x, sp: bool = False):
         """sp: x is this rank's slice of the sequence; the output is too (sequence parallelism)."""
         if sp:
-            x = gather_from_sequence(x, self.ctx)
-            return self.w2(swiglu(self.w1(x, input_gathered=True), self.w3(x, input_gathered=True)),
-                           sequence_parallel=True)
+            a, c = column_parallel_on_sequence(x, (self.w1, self.w3), self.ctx)
+            return self.w2(swiglu(a, c), sequence_parallel=True)
         f = fused_weight(self)
         if f is not None:  # inference after fuse_projections: one GEMM for the gate and the up projection
             a, c = inference_linear(self, "w13", x, f.weight).split_with_sizes(f.sizes, dim=-1)

@@ -15,6 +15,14 @@ Activations are (B, T, D); the split is along T (dim 1): tp rank r holds positio
     reduce_scatter_to_sequence  fwd reduce-scatter    bwd all-gather       after the row-parallel linears and the
                                                                            vocab-parallel embedding (in place of
                                                                            their all-reduce)
+    linears_on_sequence         fwd all-gather +      bwd all-gather +     the column-parallel linears that read
+                                F.linear per weight   reduce-scatter       one split input (q|k|v, w1|w3)
+
+`linears_on_sequence` is gather_from_sequence fused with the linears, as Megatron's SP linear: it saves only
+this rank's slice of the input and all-gathers it again in backward for the weight gradients, so the
+gathered (B, T, D) input of the attention and of the MLP is never kept between forward and backward
+(otherwise 2 of the 1/tp-able activations per layer would stay whole). The price: one more all-gather per
+block in backward.
 
 An all-reduce is a reduce-scatter followed by an all-gather, so per layer the bytes equal those of the
 plain tensor-parallel all-reduces. Gloo (torch >= 2.x) implements reduce_scatter and all_gather for CPU
@@ -31,6 +39,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from llamactl.parallel.context import ParallelContext
 
@@ -135,3 +145,38 @@ def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.T
     """Sum of the ranks' partial outputs, each rank keeping its slice of the sequence (in place of the g op's
     all-reduce); backward all-gathers the gradient."""
     return x if ctx.tp == 1 else _ReduceScatterToSequence.apply(x, ctx.tp_group, ctx.tp)
+
+
+class _LinearsOnSequence(torch.autograd.Function):
+    """y_i = F.linear(all_gather(x), w_i), saving x's slice only (see the module doc). Under autocast F.linear
+    casts as it does anywhere; backward computes in the gradients' dtype and sums input gradients in x's."""
+
+    @staticmethod
+    def forward(ctx, x, group, world, *weights):
+        ctx.group, ctx.world = group, world
+        ctx.save_for_backward(x, *weights)
+        full = _gather(x, group, world)
+        return tuple(F.linear(full, w) for w in weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        full = _gather(x, ctx.group, ctx.world)  # again: only the slice was kept
+        rows = full.reshape(-1, full.shape[-1])
+        gx, gws = None, []
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            part = (g @ w.to(g.dtype)).to(x.dtype)
+            gx = part if gx is None else gx + part
+            need = ctx.needs_input_grad[3 + i]
+            gws.append((g.reshape(-1, g.shape[-1]).t() @ rows.to(g.dtype)).to(w.dtype) if need else None)
+        return (_reduce_scatter(gx, ctx.group, ctx.world), None, None, *gws)
+
+
+def linears_on_sequence(x: torch.Tensor, weights, ctx: ParallelContext) -> tuple[torch.Tensor, ...]:
+    """F.linear(whole sequence, w) for each column-parallel weight w, from this rank's slice x of the sequence:
+    one all-gather forward; backward re-gathers x for the weight gradients and reduce-scatters the summed input
+    gradient (the f op's all-reduce is not needed)."""
+    if ctx.tp == 1:
+        return tuple(F.linear(x, w) for w in weights)
+    return _LinearsOnSequence.apply(x, ctx.tp_group, ctx.tp, *weights)

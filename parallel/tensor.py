@@ -9,10 +9,10 @@ ColumnParallelLinear splits the output features (q, k, v, w1, w3, lm head); RowP
 the input features (wo, w2) and reduces. VocabParallelEmbedding splits the vocabulary. Every layer
 records which slice of the full weight it holds (TPShard) so checkpoints stay layout-independent.
 
-Sequence parallelism (parallel/sequence.py): with `input_gathered=True` a column-parallel linear takes
-an input that came through gather_from_sequence (whose backward reduce-scatters the input gradient, so
-the f op is skipped); with `sequence_parallel=True` the row-parallel linear and the embedding
-reduce-scatter their partial sums along the sequence instead of all-reducing them.
+Sequence parallelism (parallel/sequence.py): `column_parallel_on_sequence` runs column-parallel layers that
+read one sequence-split input (one all-gather, the input's slice saved, no f op); with
+`sequence_parallel=True` the row-parallel linear and the embedding reduce-scatter their partial sums along
+the sequence instead of all-reducing them.
 
 At tp == 1 no communication op runs: the layers are plain linears. Only torch.distributed calls are
 used, on the tensor's own device, so gloo (CPU) and NCCL (GPU) both work.
@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from llamactl.parallel.buffers import reusable
 from llamactl.parallel.context import ParallelContext
-from llamactl.parallel.sequence import reduce_scatter_to_sequence
+from llamactl.parallel.sequence import linears_on_sequence, reduce_scatter_to_sequence
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,16 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(shard.length, in_features, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, *, input_gathered: bool = False) -> torch.Tensor:
-        if not input_gathered:
-            x = copy_to_tp(x, self.ctx)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tp(x, self.ctx)
         y = F.linear(x, reduce_grad_over(self.weight, self.grad_group))
         return gather_from_tp(y, self.ctx) if self.gather_output else y
+
+
+def column_parallel_on_sequence(x: torch.Tensor, layers, ctx: ParallelContext) -> tuple[torch.Tensor, ...]:
+    """The outputs of ColumnParallelLinear `layers` (no gather_output) that all read x, this rank's slice of the
+    sequence (sequence parallelism: q|k|v, w1|w3); each layer's grad_group still sums its weight's gradient."""
+    return linears_on_sequence(x, [reduce_grad_over(m.weight, m.grad_group) for m in layers], ctx)
 
 
 class RowParallelLinear(nn.Module):

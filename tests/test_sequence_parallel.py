@@ -86,13 +86,14 @@ def _ops(ctx):
 
 
 def _layers(ctx):
-    """The layers' SP paths against plain torch: embedding (reduce-scatter), column linear on a gathered input,
-    row linear (reduce-scatter), RMSNorm over this rank's rows with its gain's gradient summed over tp."""
+    """The layers' SP paths against plain torch: embedding (reduce-scatter), two column-parallel linears reading
+    one split input (gathered once, input gradients summed and reduce-scatterd), row linear (reduce-scatter),
+    RMSNorm over this rank's rows with its gain's gradient summed over tp."""
     import torch.nn.functional as F
 
     from llamactl.model import RMSNorm
-    from llamactl.parallel.sequence import gather_from_sequence
-    from llamactl.parallel.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from llamactl.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                          column_parallel_on_sequence)
 
     tp, r = ctx.tp, ctx.tp_rank
     g = torch.Generator().manual_seed(13)
@@ -116,20 +117,30 @@ def _layers(ctx):
     _close("embedding SP out", y, F.embedding(ids, w)[:, mine])
     (y * gy[:, mine]).sum().backward()
     _close("embedding SP grad w", emb.weight.grad, wr.grad[r * 7:(r + 1) * 7])
-    # column-parallel linear on the gathered sequence (no f op: the gather's backward sums over ranks)
-    n_in, n_out = 11, 3 * tp
-    x, w, gy = rnd(b, t, n_in), rnd(n_out, n_in), rnd(b, t, n_out)
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    (F.linear(xr, wr) * gy).sum().backward()
-    col = ColumnParallelLinear(n_in, n_out, ctx)
-    with torch.no_grad():
-        col.weight.copy_(w[r * 3:(r + 1) * 3])
+    # two column-parallel linears on one split input (3 and 2 features per rank): gathered once; backward sums
+    # their input gradients and reduce-scatters them (no f op)
+    n_in = 11
+    x = rnd(b, t, n_in)
+    ws, gys = [rnd(3 * tp, n_in), rnd(2 * tp, n_in)], [rnd(b, t, 3 * tp), rnd(b, t, 2 * tp)]
+    xr, wrs = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+    sum((F.linear(xr, w) * gy).sum() for w, gy in zip(wrs, gys)).backward()
+    cols = [ColumnParallelLinear(n_in, w.shape[0], ctx) for w in ws]
+    for col, w in zip(cols, ws):
+        n = w.shape[0] // tp
+        with torch.no_grad():
+            col.weight.copy_(w[r * n:(r + 1) * n])
     xl = x[:, mine].clone().requires_grad_()
-    y = col(gather_from_sequence(xl, ctx), input_gathered=True)
-    _close("column SP out", y, F.linear(x, w)[..., r * 3:(r + 1) * 3])
-    (y * gy[..., r * 3:(r + 1) * 3]).sum().backward()
-    _close("column SP grad x", xl.grad, xr.grad[:, mine])
-    _close("column SP grad w", col.weight.grad, wr.grad[r * 3:(r + 1) * 3])
+    ys = column_parallel_on_sequence(xl, cols, ctx)
+    loss = 0
+    for i, (y, w, gy) in enumerate(zip(ys, ws, gys)):
+        n = w.shape[0] // tp
+        _close(f"column {i} SP out", y, F.linear(x, w)[..., r * n:(r + 1) * n])
+        loss = loss + (y * gy[..., r * n:(r + 1) * n]).sum()
+    loss.backward()
+    _close("columns SP grad x (summed, reduce-scattered)", xl.grad, xr.grad[:, mine])
+    for i, (col, wr) in enumerate(zip(cols, wrs)):
+        n = wr.shape[0] // tp
+        _close(f"column {i} SP grad w", col.weight.grad, wr.grad[r * n:(r + 1) * n])
     # row-parallel linear -> this rank's positions of the summed output
     n_in, n_out = 5 * tp, 7
     x, w, gy = rnd(b, t, n_in), rnd(n_out, n_in), rnd(b, t, n_out)
@@ -169,7 +180,7 @@ def _layers(ctx):
 
 # ---- the model's forward and gradients ------------------------------------------------------------
 def _model_grads(ctx):
-    """SP at tp 2 against one process: outputs and every gradient, for divisible and odd sequence lengths."""
+    """SP against one process: outputs and every gradient, for sequence lengths divisible by tp and not."""
     from llamactl.model import build_model
     from llamactl.parallel.context import ParallelContext
     from llamactl.parallel.tensor import shard_specs
@@ -183,7 +194,7 @@ def _model_grads(ctx):
     rows = []
     model.layers["0"].attention_norm.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
     g = torch.Generator().manual_seed(2)
-    for t, recompute in ((12, False), (9, False), (10, True)):
+    for t, recompute in ((12, False), (9, False), (8, True)):
         ids = torch.randint(0, cfg.vocab_size, (2, t), generator=g)
         split = t % ctx.tp == 0
         assert model.uses_sequence_parallel(t) == split
@@ -206,6 +217,21 @@ def _model_grads(ctx):
             if s is not None:
                 w = w.narrow(s.dim, s.start, s.length)
             _close(f"T={t} recompute={recompute} grad {name}", p.grad, w)
+    # memory: a block under SP keeps no whole-sequence activation of the model's width between forward and
+    # backward (the gathered input of q|k|v and w1|w3 is gathered again in backward); the plain path keeps some
+    t = 4 * ctx.tp
+    blk, mine = model.layers["0"], slice(ctx.tp_rank * 4, (ctx.tp_rank + 1) * 4)
+    cos, sin = (z.narrow(0, 0, t) for z in model._rope(t, "cpu"))
+    x = torch.randn(2, t, cfg.dim, generator=g, requires_grad=True)
+
+    def whole_width(sp: bool) -> list:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda z: (shapes.append(tuple(z.shape)), z)[1], lambda z: z):
+            blk(x[:, mine] if sp else x, cos, sin, sp=sp)
+        return [z for z in shapes if len(z) == 3 and z[1] == t and z[2] == cfg.dim]
+
+    assert whole_width(False), "the plain path should keep (B, T, dim) tensors, or this check proves nothing"
+    assert not whole_width(True), f"SP kept whole-sequence activations {whole_width(True)}"
     # the norm gains are replicated: every tp rank holds the whole summed gradient (GradNorm counts it once)
     gain = model.layers["1"].ffn_norm.weight.grad
     both = [torch.empty_like(gain) for _ in range(ctx.tp)]
@@ -355,7 +381,10 @@ def _default_by_backend(ctx):
 
 
 def _four(rank, world, root):
+    from llamactl.parallel.context import ParallelContext
+
     root = Path(root)
+    _model_grads(ParallelContext.from_world(4, 1))  # tp 4: the 2 kv heads replicated on 2 ranks each (grad_group)
     ref = _reference(rank, root, n_layers=4)  # 4 layers: 2 chunks of one layer per rank at pp 2 x V 2
     _layout(2, 2, False, 1, ref, root, n_layers=4)  # TP=2 x PP=2: stage inputs split, outputs gathered; 8 micro
     _layout(2, 2, False, 1, ref, root, virtual=2, n_layers=4)  # TP=2 x PP=2 x V=2: split / gathered per chunk
@@ -369,7 +398,8 @@ def test_sequence_parallel_ops_model_and_steps_2_ranks(tmp_path):
 
 
 def test_sequence_parallel_steps_4_ranks(tmp_path):
-    """5 training steps with SP at tp 2 x pp 2, tp 2 x dp 2 (ZeRO-1) and tp 2 x pp 2 x V 2 equal one process."""
+    """The model's gradients with SP at tp 4 (kv heads replicated); 5 training steps with SP at tp 2 x pp 2,
+    tp 2 x dp 2 (ZeRO-1) and tp 2 x pp 2 x V 2 equal one process."""
     spawn(_four, 4, str(tmp_path))
 
 
