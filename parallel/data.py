@@ -171,9 +171,24 @@ class GradReducer:
 
     def begin(self, micro_batches: int) -> None:
         """Announce a step of `micro_batches` backward passes: a bucket launches from the hooks once every one
-        of its parameters has accumulated that many gradients (no-op without overlap)."""
+        of its parameters has accumulated that many gradients (without overlap: all after backward). Plain
+        all-reduce: the gradients start as zeroed views of the flat buckets, so backward accumulates straight
+        into what is reduced (DDP's gradient_as_bucket_view: no copy, no second gradient buffer)."""
         self._reset()
         self._micro = int(micro_batches) if self.overlap else 0
+        if self.sharded or self.ctx.dp == 1:
+            return
+        for k, (bucket, offs) in enumerate(zip(self.buckets, self._offs)):
+            flat = self._buffer(k, offs[-1], bucket[0])
+            flat.zero_()
+            for p, a, b in zip(bucket, offs, offs[1:]):
+                p.grad = flat[a:b].view_as(p)
+
+    def _buffer(self, k: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """Bucket k's persistent buffer: its flat gradients, or under ZeRO-1 this rank's gradient shard."""
+        if self._bufs[k] is None:
+            self._bufs[k] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return self._bufs[k]
 
     def _hook(self, p: nn.Parameter) -> None:
         if not self._micro:
@@ -199,19 +214,16 @@ class GradReducer:
             for p, a, b in zip(bucket, offs, offs[1:]):
                 _pack(packed[:, a:b], None if p.grad is None else p.grad.reshape(-1))
                 p.grad = None
-            if self._bufs[k] is None:
-                self._bufs[k] = torch.empty(width, dtype=p0.dtype, device=p0.device)
-            self._work.append((_reduce_scatter(self._bufs[k], packed.view(-1), group, async_op=True), packed))
+            shard = self._buffer(k, width, p0)
+            self._work.append((_reduce_scatter(shard, packed.view(-1), group, async_op=True), packed))
         else:
-            if self._bufs[k] is None:
-                self._bufs[k] = torch.empty(offs[-1], dtype=p0.dtype, device=p0.device)
-            flat = self._bufs[k]
+            flat = self._buffer(k, offs[-1], p0)
             for p, a, b in zip(bucket, offs, offs[1:]):
                 if p.grad is None:
                     flat[a:b].zero_()
-                else:
+                elif p.grad.data_ptr() != flat[a:b].data_ptr():  # not accumulated in the bucket (no begin())
                     flat[a:b].copy_(p.grad.reshape(-1))
-                p.grad = None
+                    p.grad = None
             self._work.append((dist.all_reduce(flat, group=group, async_op=True), flat))
 
     @torch.no_grad()

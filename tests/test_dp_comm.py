@@ -238,6 +238,9 @@ def _unused_parameter(rank, world):
             assert red._next == 0, "a bucket launched before the last micro-batch's backward"
             backward(m, rank, i)
         assert red._next == len(red.buckets) - 1, "the filled buckets launch during backward"
+        if not zero:  # backward accumulated straight into the buckets (gradients are views of them)
+            storages = {b.untyped_storage().data_ptr() for b in red._bufs}
+            assert all(p.grad.untyped_storage().data_ptr() in storages for p in m.parameters())
         grads = red()
         if not zero:
             for n, p in m.named_parameters():
