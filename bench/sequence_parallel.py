@@ -80,9 +80,10 @@ def run(args) -> None:
     print(f"  SP / plain              {statistics.median(ratios):8.3f} (median of per-round ratios; "
           f"min {min(ratios):.3f}, max {max(ratios):.3f})")
     print(f"  max relative loss difference SP vs plain: {worst:.2e}")
-    print("  collectives per layer and micro-batch: plain 2 all-reduce fwd + 5 all-reduce bwd (q, k, v, w1, w3 "
-          "inputs); SP 2 all-gather + 2 reduce-scatter fwd, 2 reduce-scatter + 2 all-gather bwd, + 2 all-reduce "
-          "of the norm gains (dim floats)")
+    print("  tp collectives per layer and micro-batch: plain 7 all-reduces (2 fwd: wo, w2; 5 bwd: the inputs of q, k, "
+          "v, w1, w3), 14 units of (tp-1)/tp x activation bytes; SP 2 all-gathers + 2 reduce-scatters fwd, 4 "
+          "all-gathers (2 re-gathers) + 2 reduce-scatters bwd, 10 units, + 2 all-reduces of the norm gains "
+          "(dim floats)")
 
 
 def main() -> None:

@@ -29,11 +29,13 @@ plain tensor-parallel all-reduces. Gloo (torch >= 2.x) implements reduce_scatter
 tensors, so every op is one collective on gloo and NCCL alike. All tp ranks of a group see the same T, so
 they all take the same path; callers use the plain path when T % tp != 0 (`sequence_split`).
 
-Default (`use_sequence_parallel`): on at tp > 1 where the tp group runs NCCL, off on gloo. SP replaces each
-layer's 7 tp all-reduces (2 forward, 5 backward: the inputs of q, k, v, w1, w3) by 4 all-gathers and 4
-reduce-scatters (+ 2 tiny all-reduces of the norm gains); NCCL runs a reduce-scatter or an all-gather in
-about half an all-reduce's time, gloo on CPU does not (a tp 2 step is 14-16 % slower with SP there:
-bench/sequence_parallel.py), so on gloo it is only used when asked for (it still saves activation memory).
+Default (`use_sequence_parallel`): on at tp > 1 where the tp group runs NCCL, off on gloo. Per layer and
+micro-batch SP replaces the 7 tp all-reduces of the plain path (2 forward, 5 backward: the inputs of q, k,
+v, w1, w3) by 6 all-gathers (2 of them re-gathers) and 4 reduce-scatters, plus 2 all-reduces of dim floats
+(the norm gains): 10 instead of 14 units of (tp-1)/tp of an activation's bytes, in 12 calls instead of 7.
+NCCL runs an all-gather or a reduce-scatter in about half an all-reduce's time; gloo on CPU does not, and a
+tp 2 step with SP is slower there (bench/sequence_parallel.py), so on gloo SP runs only when asked for (it
+still divides the stored activations by tp).
 """
 from __future__ import annotations
 
