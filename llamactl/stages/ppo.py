@@ -309,8 +309,7 @@ def _train_config(c: PPOConfig, plan: Plan, lr: float | None = None):
     return TrainConfig(steps=c.iterations * plan.steps_per_iteration, lr=lr or c.lr, warmup=0, schedule="constant",
                        weight_decay=c.weight_decay, clip=c.clip, keep=c.keep, seed=c.seed, zero=plan.parallel.zero,
                        sequence_parallel=plan.parallel.sequence_parallel,
-                       overlap_grad_reduce=plan.parallel.overlap_grad_reduce,
-                       save_dtype=c.save_dtype)
+                       overlap_grad_reduce=plan.parallel.overlap_grad_reduce, save_dtype=c.save_dtype)
 
 
 def make_trainers(m: "Models", plan: Plan) -> dict:
