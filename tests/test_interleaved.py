@@ -257,3 +257,25 @@ def test_pretrain_refuses_a_micro_batch_count_the_interleaved_schedule_cannot_gr
     with pytest.raises(LlamactlError, match=r"multiple of --pp 2, got 3 .*--batch-tokens multiple of 64"):
         resolve(flags, None, {"pp": 2, "nproc": 2, "virtual_stages": 2})
     assert resolve(dict(flags, batch_tokens=128), None, {"pp": 2, "nproc": 2, "virtual_stages": 2}).accum == 4
+
+
+def test_a_stage_with_a_fixed_micro_batch_count_is_refused_before_anything_runs():
+    """run_stage checks any plan's `accum` (sft, rm train) against the interleaved schedule, also for a dry
+    run: the one-line error comes before a run dir, a config.toml or a launch exists."""
+    from types import SimpleNamespace
+
+    from llamactl.config import ParallelConfig, preset
+    from llamactl.parallel.context import LayoutError
+    from llamactl.stages.runner import LaunchOptions, run_stage
+
+    did = []
+    for accum, dry in ((3, True), (3, False)):
+        plan = SimpleNamespace(parallel=ParallelConfig(pp=2, nproc=2, virtual_stages=2), model=preset("tiny"),
+                               accum=accum)
+        with pytest.raises(LayoutError, match="multiple of --pp 2, got 3"):
+            run_stage(lambda *a: plan, lambda p: did.append("describe"), lambda *a, **k: did.append("run"),
+                      flags={}, launch=LaunchOptions(), dry_run=dry)
+    assert did == []
+    plan = SimpleNamespace(parallel=ParallelConfig(pp=2, nproc=2, virtual_stages=2), model=preset("tiny"), accum=4)
+    run_stage(lambda *a: plan, lambda p: did.append("describe"), None, flags={}, launch=LaunchOptions(), dry_run=True)
+    assert did == ["describe"]

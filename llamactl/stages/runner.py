@@ -81,6 +81,11 @@ def run_stage(resolve: Callable, describe: Callable, run: Callable, *, flags: di
     err = layout_error(plan.model, par.tp, par.pp)
     if err:
         raise LlamactlError(err)
+    accum = getattr(plan, "accum", None)  # micro-batches per step of a stage with a fixed count (sft, rm train)
+    if accum is not None and par.virtual_stages > 1:  # refused before a run dir exists, not at the first step
+        from llamactl.parallel.pipeline import check_microbatches
+
+        check_microbatches(par.pp, par.virtual_stages, accum)
     if dry_run:
         describe(plan)
         return None
