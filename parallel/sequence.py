@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from llamactl.parallel.context import ParallelContext
+from llamactl.parallel.gather_split import GatherAlong, SplitAlong, all_gather_along, split_along
 
 SEQ_DIM = 1
 
@@ -71,15 +72,11 @@ def sequence_split(ctx: ParallelContext, seq_len: int) -> bool:
 
 
 def _gather(x: torch.Tensor, group, world: int) -> torch.Tensor:
-    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=SEQ_DIM)
+    return all_gather_along(x, group, world, SEQ_DIM)
 
 
 def _split(x: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    if x.shape[SEQ_DIM] % world:
-        raise ValueError(f"sequence of {x.shape[SEQ_DIM]} positions does not split over tp {world}")
-    return x.chunk(world, dim=SEQ_DIM)[rank].contiguous()
+    return split_along(x, world, rank, SEQ_DIM)
 
 
 def _reduce_scatter(x: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -91,28 +88,17 @@ def _reduce_scatter(x: torch.Tensor, group, world: int) -> torch.Tensor:
     return out
 
 
-class _SplitToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world, rank):
-        ctx.group, ctx.world = group, world
-        return _split(x, world, rank)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, ctx.group, ctx.world), None, None, None
-
-
 class _GatherFromSequence(torch.autograd.Function):
+    """fwd all-gather, bwd reduce-scatter: each rank's consumer gave a partial gradient of the whole input."""
+
     @staticmethod
-    def forward(ctx, x, group, world, rank, summed_grad):
-        ctx.group, ctx.world, ctx.rank, ctx.summed_grad = group, world, rank, summed_grad
+    def forward(ctx, x, group, world):
+        ctx.group, ctx.world = group, world
         return _gather(x, group, world)
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.summed_grad:
-            return _reduce_scatter(g, ctx.group, ctx.world), None, None, None, None
-        return _split(g, ctx.world, ctx.rank), None, None, None, None
+        return _reduce_scatter(g, ctx.group, ctx.world), None, None
 
 
 class _ReduceScatterToSequence(torch.autograd.Function):
@@ -128,19 +114,19 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
 def split_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """This rank's slice of a tensor every tp rank holds whole; backward all-gathers the slices' gradients."""
-    return x if ctx.tp == 1 else _SplitToSequence.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank)
+    return x if ctx.tp == 1 else SplitAlong.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, SEQ_DIM)
 
 
 def gather_from_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """The whole sequence for the column-parallel linears; backward sums the ranks' partial input gradients
     and hands each rank its slice (reduce-scatter), which replaces the f op's all-reduce."""
-    return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, True)
+    return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx.tp_group, ctx.tp)
 
 
 def gather_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """The whole sequence for computation replicated over tp (its gradient is equal on every rank, e.g. after
     the lm head's f op); backward keeps this rank's slice of that gradient."""
-    return x if ctx.tp == 1 else _GatherFromSequence.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, False)
+    return x if ctx.tp == 1 else GatherAlong.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, SEQ_DIM)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from llamactl.parallel.buffers import reusable
 from llamactl.parallel.context import ParallelContext
+from llamactl.parallel.gather_split import GatherAlong, SplitAlong
 from llamactl.parallel.sequence import linears_on_sequence, reduce_scatter_to_sequence
 
 
@@ -60,20 +61,6 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _all_gather_last(x: torch.Tensor, group, world: int) -> torch.Tensor:
-    if group is None:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
-def _split_last(x: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    if world == 1:
-        return x
-    return x.chunk(world, dim=-1)[rank].contiguous()
-
-
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -95,28 +82,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world, rank):
-        ctx.world, ctx.rank = world, rank
-        return _all_gather_last(x, group, world)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split_last(g, ctx.world, ctx.rank), None, None, None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world, rank):
-        ctx.group, ctx.world = group, world
-        return _split_last(x, world, rank)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_last(g, ctx.group, ctx.world), None, None, None
-
-
 def copy_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return x if ctx.tp == 1 else _CopyToTP.apply(x, ctx.tp_group)
 
@@ -126,11 +91,11 @@ def reduce_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 
 def gather_from_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return x if ctx.tp == 1 else _GatherFromTP.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank)
+    return x if ctx.tp == 1 else GatherAlong.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, -1)
 
 
 def scatter_to_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    return x if ctx.tp == 1 else _ScatterToTP.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank)
+    return x if ctx.tp == 1 else SplitAlong.apply(x, ctx.tp_group, ctx.tp, ctx.tp_rank, -1)
 
 
 def reduce_grad_over(x: torch.Tensor, group) -> torch.Tensor:
