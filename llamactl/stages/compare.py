@@ -149,6 +149,7 @@ def run_compare(a, b, prompts, rm_helpful, rm_safety, *, samples: int = 1, tempe
     """Answer, judge, and (with `out`) write the JSON result; returns it. raw_a / raw_b: prompt that model
     as a base model ("Question: ... Answer:", stages/answers.py); the judges see the same cleaned answer."""
     from llamactl.rewards import RewardModels
+    from llamactl.stages.eval_tasks import check_answer_flags
     from llamactl.tasks.suite import write_text_atomic
     from llamactl.ui import progress
 
@@ -158,12 +159,7 @@ def run_compare(a, b, prompts, rm_helpful, rm_safety, *, samples: int = 1, tempe
         raise LlamactlError(f"--samples {samples} needs --temperature > 0 (greedy answers are all the same)")
     if temperature < 0:
         raise LlamactlError(f"--temperature must be >= 0, got {temperature} (--temperature)")
-    if max_new_tokens < 1:
-        raise LlamactlError(f"--max-new-tokens must be at least 1, got {max_new_tokens} (--max-new-tokens)")
-    if batch_size < 1:
-        raise LlamactlError(f"--batch-size must be at least 1, got {batch_size} (--batch-size)")
-    if out is not None and Path(out).is_dir():
-        raise LlamactlError(f"{out} is a directory (--out names a file)")
+    check_answer_flags(max_new_tokens, batch_size, out)
     for flag, p in (("--a", a), ("--b", b), ("--rm-helpful", rm_helpful), ("--rm-safety", rm_safety)):
         if not Path(p).exists():
             raise LlamactlError(f"checkpoint directory not found: {p} ({flag})")

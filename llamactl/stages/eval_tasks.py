@@ -48,6 +48,16 @@ def check_sampling(samples: int, temperature: float) -> None:
         raise LlamactlError(f"--samples needs --temperature > 0, got {temperature} (--samples 0: greedy only)")
 
 
+def check_answer_flags(max_new_tokens: int, batch_size: int, out) -> None:
+    """The flags every command that answers prompts and writes one result file shares (eval tasks, compare)."""
+    if max_new_tokens < 1:
+        raise LlamactlError(f"--max-new-tokens must be at least 1, got {max_new_tokens} (--max-new-tokens)")
+    if batch_size < 1:
+        raise LlamactlError(f"--batch-size must be at least 1, got {batch_size} (--batch-size)")
+    if out is not None and Path(out).is_dir():
+        raise LlamactlError(f"{out} is a directory (--out names a file)")
+
+
 def evaluate(items: Sequence[Mapping], answer: AnswerFn, *, samples: int = 0, temperature: float = 1.0) -> dict:
     """Greedy and (with samples > 0) sampled ground-truth scores per family and overall, plus per-item rows."""
     check_sampling(samples, temperature)
@@ -85,12 +95,7 @@ def run_eval_tasks(model_dir, suite, *, split: str = "heldout", samples: int = 4
     from llamactl.ui import progress
 
     check_sampling(samples, temperature)
-    if batch_size < 1:
-        raise LlamactlError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise LlamactlError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if out is not None and Path(out).is_dir():
-        raise LlamactlError(f"{out} is a directory (--out names a file)")
+    check_answer_flags(max_new_tokens, batch_size, out)
     items = limit_per_family(suite_items(suite, split), limit)
     model, tok = load_for_generation(model_dir, device)
     with progress() as bar:
