@@ -291,6 +291,18 @@ def fault_injection(step: int) -> None:
             time.sleep(60)
 
 
+def stop_reason(step: int, last: int, flag: SignalFlag, asked: bool, asked_name: str = "callback") -> str | None:
+    """Why a loop stops after `step` of `last` (its checkpoint already written): a signal's name, `asked_name`
+    when the loop itself asked (a callback, early stopping), or None to go on. Runs the fault-injection hook
+    first, so every loop (fit, PPO) can be killed at a chosen step in tests."""
+    fault_injection(step)
+    if step >= last:
+        return None
+    if flag.name is not None:
+        return flag.name
+    return asked_name if asked else None
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
@@ -410,12 +422,8 @@ def fit(model: nn.Module, ctx, cfg: TrainConfig, batches, *, run_dir: Path, loss
             bar.step(step, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm, tokens_per_s=tps, mfu=mfu)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 last_ckpt = save()
-            fault_injection(step)
-            if flag.name is not None and step < cfg.steps:
-                stopped = flag.name
-                break
-            if asked and step < cfg.steps:
-                stopped = "callback"
+            stopped = stop_reason(step, cfg.steps, flag, asked)
+            if stopped:
                 break
         if stopped or trainer.global_step >= cfg.steps:
             done = checkpoint.latest(run_dir)

@@ -398,7 +398,7 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, re
     from llamactl.config import dump_toml
     from llamactl.rundir import truncate_metrics
     from llamactl.runstate import load_run_state, save_run_state, state_steps
-    from llamactl.trainer import SignalFlag, Trainer, fault_injection, rng_state, seed_everything, set_rng_state, _tensorboard
+    from llamactl.trainer import SignalFlag, Trainer, rng_state, seed_everything, set_rng_state, stop_reason, _tensorboard
     from llamactl.ui import console, err_console
 
     c = plan.cfg
@@ -482,17 +482,14 @@ def run(plan: Plan, ctx, *, resume: bool = False, show_progress: bool = True, re
                 last = save(it)
             if improved and ctx.is_main:
                 keep_best(out, last, {"iteration": it, "reward_combined": best})
-            fault_injection(it)
-            if flag.name is not None and it < c.iterations:
-                stopped = flag.name
-                break
-            if early and it < c.iterations:
-                stopped = "early_stopping"
+            stopped = stop_reason(it, c.iterations, flag, early, "early_stopping")
+            if stopped == "early_stopping":
                 if ctx.is_main:
                     console.print(f"early stopping after iteration {it}: held-out R_c has not improved on "
                                   f"{best:.4f} for {bad} evaluations (--patience {c.patience}); "
                                   + (f"the best policy is {out / BEST_DIR} ({BEST_FILE})" if (out / BEST_DIR).is_dir()
                                      else "no iteration beat the initial policy"))
+            if stopped:
                 break
         if not state_steps(out) or state_steps(out)[-1] != trainers["policy"].global_step:
             last = save(it)
