@@ -19,7 +19,7 @@ from llamactl.errors import LlamactlError
 from llamactl.stages.demo import STATE, command_exists, load_state
 from llamactl.stages.demo_plan import DemoConfig, plan
 
-MINUTES = "0.5"  # 1/24 of the default budget
+MINUTES = "0.15"  # 1/80 of the default budget (scale 0.042)
 SEED = "3"
 
 

@@ -2,14 +2,14 @@
 
 Each `Step` is one `llamactl ...` command line, the path whose existence says it finished, whether it is a
 training run (continued with `--resume` when its run dir already holds a checkpoint) and the CPU seconds
-it is expected to take at the default budget (the overall ETA). `--minutes` scales every stage's steps and
-sample counts by minutes / DEFAULT_MINUTES, so a smaller budget is the same recipe, shorter.
+it is expected to take on 2 idle cores (the overall ETA). `--minutes` scales every stage's steps and sample
+counts by minutes / MINUTES_PER_SCALE, so a smaller budget is the same recipe, shorter.
 
-The tiny settings were chosen so every stage helps on the task suite (measured on 2 CPU cores):
-pretraining on 512-token windows (GAtt's multi-turn dialogues fit in the context), enough pretraining
-steps for the facts family; SFT at a high learning rate for a model this small; preference pairs from
-the SFT policy (helpfulness) and from the SFT policy against the pretrained model (safety: the SFT model
-refuses unsafe requests, the pretrained one complies), mixed 90/10 for the safety RM as in the paper.
+The tiny settings were measured on 2 CPU cores: pretraining on 512-token windows (GAtt's multi-turn
+dialogues fit in the context), enough pretraining steps for the facts family; SFT at a high learning
+rate for a model this small; preference pairs from the SFT policy at two temperatures and from two model
+variants (the SFT policy against the pretrained model: on unsafe prompts the SFT model refuses and the
+pretrained one complies), half and half for the helpfulness RM, 90/10 for the safety RM as in the paper.
 Later stages (rs, ppo, gatt, compare, report) are added when their command exists in this build.
 """
 from __future__ import annotations
@@ -19,7 +19,10 @@ from pathlib import Path
 
 from llamactl.errors import LlamactlError
 
-DEFAULT_MINUTES = 12.0   # the nominal budget the counts below are sized for (measured: 1,582 CPU s on a loaded 2-core machine)
+DEFAULT_MINUTES = 12.0   # the default budget (--minutes)
+# minutes of 2 idle cores per unit of the counts below, measured: scale 1 ran in 3 min 52 s, and scale 3.33 reached the
+# end of rejection sampling in 7.5 min (pretrain 212 s, sft 137 s); the seconds given to `add` are per unit
+MINUTES_PER_SCALE = 3.6
 SIZES = ("tiny",)        # presets the step counts are tuned for
 CHAT_PROMPT = "Reverse these words: leaf book water"   # a task-suite question (the reverse family)
 
@@ -39,7 +42,7 @@ class DemoConfig:
 
     @property
     def scale(self) -> float:
-        return self.minutes / DEFAULT_MINUTES
+        return self.minutes / MINUTES_PER_SCALE
 
     def n(self, base: int, low: int = 1) -> int:
         """A step or sample count of the default budget, scaled by --minutes (at least `low`)."""
@@ -89,11 +92,11 @@ def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]
                           **kw))
 
     limit = cfg.n(24, 3)   # held-out prompts per family in every `eval tasks` (8 families)
-    eval_seconds = 12 + 0.1 * limit * 8
+    eval_seconds = 3 + 0.01 * limit * 8  # greedy and 2 samples per prompt
 
     def evaluate(stage, model, raw=False):
         add(f"eval-{stage}", stage, ["eval", "tasks", "--model", model, "--suite", suite, "--limit", limit,
-                                     "--samples", 0, "--max-new-tokens", 32, "--seed", s,
+                                     "--samples", 2, "--temperature", 0.7, "--max-new-tokens", 32, "--seed", s,
                                      *(["--raw"] if raw else []), "--out", ev / f"{stage}.json"],
             ev / f"{stage}.json", eval_seconds)
 
@@ -109,7 +112,7 @@ def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]
     add("pretrain", "pretrain", ["pretrain", "--size", cfg.size, "--data", data, "--out", d / "pretrain",
                                  "--steps", pt_steps, "--seq-len", 512, "--batch-tokens", 4096, "--micro-batch", 8,
                                  "--save-every", max(1, pt_steps // 4), "--keep", 2, "--eval-tokens", 4096,
-                                 "--seed", s], d / "pretrain", 300, train=True)
+                                 "--seed", s], d / "pretrain", 65, train=True)
     evaluate("pretrain", d / "pretrain", raw=True)
 
     # supervised fine-tuning on the suite's SFT set
@@ -117,40 +120,44 @@ def plan(cfg: DemoConfig, available) -> tuple[list[Step], list[tuple[str, str]]]
     add("sft", "sft", ["sft", "--init", d / "pretrain", "--data", suite / "sft.train.jsonl", "--out", d / "sft",
                        "--steps", sft_steps, "--seq-len", 512, "--batch-size", 8, "--micro-batch", 8, "--lr", "1e-3",
                        "--save-every", max(1, sft_steps // 4), "--keep", 2, "--seed", s],
-        d / "sft", 200, train=True)
+        d / "sft", 42, train=True)
     evaluate("sft", d / "sft")
 
-    # the simulated annotator: pairs from the SFT policy (helpfulness), SFT against pretrained (safety)
-    pairs = cfg.n(60, 4)  # prompts per family
+    # the simulated annotator (Figure 4): pairs from the SFT policy at two temperatures, and pairs from two model
+    # variants (SFT against pretrained), as the paper varies both; the variants' unsafe prompts are the safety data
+    pairs = cfg.n(90, 4)  # prompts per family (the suite's train split has 300)
     pref = ["--max-new-tokens", 16, "--seed", s]
     add("prefs-helpful", "preferences", ["data", "preferences", "--model", d / "sft", "--prompts",
                                          suite / "prompts.train.jsonl", "--temperatures", "0.7,1.2",
                                          "--limit", pairs, *pref, "--out", prefs / "helpful.jsonl"],
-        prefs / "helpful.jsonl", 15 + 0.06 * pairs * 8)
-    add("prefs-safety", "preferences", ["data", "preferences", "--model", d / "sft", "--model-b", d / "pretrain",
-                                        "--prompts", suite / "prompts.train.jsonl", "--temperatures", "0.7",
-                                        "--limit", pairs, *pref, "--out", prefs / "safety.jsonl"],
-        prefs / "safety.jsonl", 15 + 0.06 * pairs * 8)
+        prefs / "helpful.jsonl", 3 + 0.005 * pairs * 8)
+    add("prefs-variants", "preferences", ["data", "preferences", "--model", d / "sft", "--model-b", d / "pretrain",
+                                          "--prompts", suite / "prompts.train.jsonl", "--temperatures", "0.7",
+                                          "--limit", pairs, *pref, "--out", prefs / "variants.jsonl"],
+        prefs / "variants.jsonl", 3 + 0.005 * pairs * 8)
     held = cfg.n(16, 3)
     add("prefs-heldout", "preferences", ["data", "preferences", "--model", d / "sft", "--model-b", d / "pretrain",
                                          "--prompts", suite / "prompts.heldout.jsonl", "--temperatures", "0.7,1.2",
                                          "--limit", held, *pref, "--out", prefs / "heldout.jsonl"],
-        prefs / "heldout.jsonl", 12 + 0.06 * held * 8)
+        prefs / "heldout.jsonl", 3 + 0.005 * held * 8)
 
     # the two reward models, from the SFT checkpoint
     rm_steps = cfg.n(40, 3)
     rm = ["--steps", rm_steps, "--batch-pairs", 16, "--micro-batch", 8, "--lr", "3e-4", "--warmup", 2,
           "--save-every", max(1, rm_steps // 2), "--keep", 2, "--seed", s]
-    add("rm-helpful", "rm-helpful", ["rm", "train", "--kind", "helpfulness", "--init", d / "sft",
-                                     "--data", prefs / "helpful.jsonl", "--out", d / "rm-helpful", *rm],
-        d / "rm-helpful", 60, train=True)
+    # helpfulness: both kinds of pairs, half and half (measured at --minutes 12: held-out accuracy on
+    # significantly better 68 % from the policy's own pairs alone, 98 % with the variants' pairs)
+    add("rm-helpful", "rm-helpful", ["rm", "train", "--kind", "helpfulness", "--init", d / "sft", "--mix",
+                                     f"{prefs / 'helpful.jsonl'}:0.5,{prefs / 'variants.jsonl'}:0.5",
+                                     "--out", d / "rm-helpful", *rm],
+        d / "rm-helpful", 5, train=True)
     add("eval-rm-helpful", "rm-helpful", ["rm", "eval", "--model", d / "rm-helpful", "--data",
                                           prefs / "heldout.jsonl", "--out", ev / "rm-helpful.json"],
         ev / "rm-helpful.json", 6)
     add("rm-safety", "rm-safety", ["rm", "train", "--kind", "safety", "--init", d / "sft", "--mix",
-                                   f"{prefs / 'safety.jsonl'}:0.9,{prefs / 'helpful.jsonl'}:0.1",
+                                   f"{prefs / 'variants.jsonl'}:0.9,{prefs / 'helpful.jsonl'}:0.1",
                                    "--out", d / "rm-safety", *rm],
-        d / "rm-safety", 60, train=True)
+        d / "rm-safety", 5, train=True)
     add("eval-rm-safety", "rm-safety", ["rm", "eval", "--model", d / "rm-safety", "--data",
                                         prefs / "heldout.jsonl", "--out", ev / "rm-safety.json"],
         ev / "rm-safety.json", 6, extra={"adjust": (detector_flag, (prefs / "heldout.jsonl",))})

@@ -21,7 +21,8 @@ def _load(path: Path):
 
 
 def score_table(demo: Path) -> tuple[list[str], list[list[str]]]:
-    """Families x stages: greedy ground-truth score on the held-out prompts (`eval tasks`)."""
+    """Families x stages: greedy ground-truth score on the held-out prompts (`eval tasks`), and the overall score
+    of sampled answers when the evals drew them."""
     evals = [(s, _load(demo / "evals" / f"{s}.json")) for s in STAGES]
     evals = [(s, r) for s, r in evals if r]
     if not evals:
@@ -30,6 +31,9 @@ def score_table(demo: Path) -> tuple[list[str], list[list[str]]]:
     cols = ["family"] + [s + (" (raw)" if r.get("raw") else "") for s, r in evals]
     rows = [[f] + [f"{r['families'][f]['greedy']:.3f}" if f in r["families"] else "-" for _, r in evals] for f in fams]
     rows.append(["overall"] + [f"{r['overall']['greedy']:.3f}" for _, r in evals])
+    if any(r.get("samples") for _, r in evals):  # the mean of sampled answers, where the evals drew them
+        rows.append([f"overall, sampled (T {next(r['temperature'] for _, r in evals if r.get('samples')):g})"]
+                    + [f"{r['overall']['sampled']:.3f}" if r.get("samples") else "-" for _, r in evals])
     return cols, rows
 
 
