@@ -996,7 +996,7 @@ def report_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo directory: one sub-directory per stage, demo.json (progress), report.md."),
-    minutes: float = typer.Option(12.0, "--minutes", help="Nominal budget in minutes: scales every stage's steps and samples (default 12)."),
+    minutes: float = typer.Option(12.0, "--minutes", help="Budget in minutes on 2 idle cores (calibrated; more cores are faster): scales every stage's steps and samples (default 12)."),
     size: str = typer.Option("tiny", "--size", help="Model preset the step counts are tuned for: tiny."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage (the same seed gives the same results)."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="End with a one-shot chat answer from the final model."),
