@@ -891,6 +891,8 @@ def gatt_train(
     ghost: Optional[bool] = typer.Option(None, "--ghost/--no-ghost", help="--no-ghost: the ablation, the instruction left in every user turn of the training samples."),
     gen_batch_size: Optional[int] = typer.Option(None, "--gen-batch-size", help="Dialogues generated together (default 64)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of instructions, user turns, sampling and the data order (default 0)."),
+    replay: Optional[Path] = typer.Option(None, "--replay", help="An SFT JSONL mixed into the GAtt set (e.g. the SFT data), so a small model keeps the tasks it learned."),
+    replay_ratio: Optional[float] = typer.Option(None, "--replay-ratio", help="Replayed records per GAtt sample (default 1; all of --replay at most)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="SFT passes over the GAtt set (default 2)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="SFT optimizer steps (overrides --epochs)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed row (default the model's context)."),
@@ -919,7 +921,8 @@ def gatt_train(
                  samples=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                  kinds=_split_kinds(kinds), constraints=list(constraint) if constraint else None,
                  constraints_file=str(constraints) if constraints else None, max_parts=max_parts, concise=concise,
-                 ghost=ghost, gen_batch_size=gen_batch_size, seed=seed, epochs=epochs, steps=steps, seq_len=seq_len,
+                 ghost=ghost, gen_batch_size=gen_batch_size, seed=seed, replay=str(replay) if replay else None,
+                 replay_ratio=replay_ratio, epochs=epochs, steps=steps, seq_len=seq_len,
                  batch_size=batch_size, micro_batch=micro_batch, lr=lr, warmup=warmup, schedule=schedule,
                  cross_attention=cross_attention, save_every=save_every, keep=keep, log_every=log_every, device=device,
                  dry_run=opts.dry_run, resume=opts.resume)

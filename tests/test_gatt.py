@@ -272,3 +272,29 @@ def test_command_errors_are_one_line(made, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["gatt", "eval", "--model", str(ckpt), "--prompts", str(bad), "--also", "nolabel"])
     assert e.value.code == 1 and "--also" in capsys.readouterr().err
+
+
+def test_replay_mixes_sft_records_into_the_gatt_set(made, tmp_path, capsys):
+    """--replay FILE --replay-ratio R: round(R x GAtt samples) records of the SFT file, unchanged, shuffled in with
+    the GAtt samples (the data's fingerprint holds the ratio and the file's hash); a missing file is one line."""
+    suite, ckpt = made
+    sft_file = suite / "sft.train.jsonl"
+    run = tmp_path / "replay"
+    base = ["gatt", "--model", str(ckpt), "--prompts", str(suite / "prompts.train.jsonl"), "--out", str(run),
+            "--dialogues", "3", "--turns", "2", "--max-new-tokens", "4", "--constraint", "capitals", "--steps", "1",
+            "--batch-size", "2", "--lr", "1e-3", "--save-every", "0"]
+    main([*base, "--replay", str(sft_file), "--replay-ratio", "2"])
+    stats = json.loads((run / "gatt.json").read_text())
+    rows = load_records(run / "gatt.train.jsonl", "sft")
+    ghost = [r for r in rows if r.loss == "last_turn"]
+    replay = [r for r in rows if r.loss != "last_turn"]
+    assert len(ghost) == stats["samples"] > 0 and len(replay) == stats["replayed"] == 2 * stats["samples"]
+    source = {json.dumps(r.to_json(), sort_keys=True) for r in load_records(sft_file, "sft")}
+    assert all(json.dumps(r.to_json(), sort_keys=True) in source for r in replay)
+    assert len({json.dumps(r.to_json(), sort_keys=True) for r in replay}) == len(replay)  # drawn without repeats
+    assert rows[:len(ghost)] != ghost  # shuffled in, not appended
+    assert stats["fingerprint"]["replay_ratio"] == 2 and "replay_sha256" in stats["fingerprint"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "other"), "--replay", str(tmp_path / "nope.jsonl")])
+    assert "replay file not found" in capsys.readouterr().err and not (tmp_path / "other").exists()
