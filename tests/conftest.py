@@ -27,6 +27,23 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     return train_tokenizer([tiny_corpus], tmp_path_factory.mktemp("tokenizer"), vocab_size=2048)
 
 
+def make_token_data(corpus: Path, tokenizer: Path, tmp_path_factory, paragraphs: int, val_fraction: float) -> Path:
+    """Token shards of the corpus's first `paragraphs` paragraphs (`llamactl data prepare`, one worker)."""
+    from llamactl.data import prepare
+
+    src = tmp_path_factory.mktemp("src") / "text.txt"
+    src.write_text("\n\n".join(corpus.read_text().split("\n\n")[:paragraphs]))
+    out = tmp_path_factory.mktemp("data")
+    prepare([src], tokenizer, out, val_fraction=val_fraction, workers=1, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    """Shards of 300 paragraphs, no held-out split: the short pretraining runs of the launcher tests."""
+    return make_token_data(tiny_corpus, tiny_tokenizer, tmp_path_factory, 300, 0.0)
+
+
 # ---- checkpoints (generation / chat owner) ----------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:

@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from conftest import make_token_data
 import torch
 from safetensors import safe_open
 
@@ -406,13 +408,7 @@ def test_save_dtype_without_train_state_and_same_dtype(tmp_path):
 # ---- one verification per load, one policy for every loader ---------------------------------------------
 @pytest.fixture(scope="module")
 def token_data(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
-    from llamactl.data import prepare
-
-    src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
-    out = tmp_path_factory.mktemp("data")
-    prepare([src], tiny_tokenizer, out, val_fraction=0.2, workers=1, show_progress=False)
-    return out
+    return make_token_data(tiny_corpus, tiny_tokenizer, tmp_path_factory, 300, 0.2)
 
 
 def test_eval_load_hashes_each_file_once(tmp_path, tiny_tokenizer, token_data, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_token_data
 from dist_utils import spawn
 from test_parallel_steps import _cfg as _steps_cfg
 
@@ -216,13 +217,7 @@ ARGS = ["--size", "tiny", "--steps", "4", "--seq-len", "16", "--batch-tokens", "
 
 @pytest.fixture(scope="module")
 def data(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
-    from llamactl.data import prepare
-
-    src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:600]))
-    out = tmp_path_factory.mktemp("data")
-    prepare([src], tiny_tokenizer, out, val_fraction=0.05, workers=1, show_progress=False)
-    return out
+    return make_token_data(tiny_corpus, tiny_tokenizer, tmp_path_factory, 600, 0.05)
 
 
 def _pretrain(data, out, *more):

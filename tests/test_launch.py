@@ -111,17 +111,6 @@ def test_one_line_for_failed_ranks():
 
 
 # ---- signals through the launcher ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_data(tiny_corpus, tiny_tokenizer, tmp_path_factory):
-    from llamactl.data import prepare
-
-    src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
-    out = tmp_path_factory.mktemp("data")
-    prepare([src], tiny_tokenizer, out, val_fraction=0.0, workers=1, show_progress=False)
-    return out
-
-
 def _pretrain_tp2(data, run, steps):
     import sys
 

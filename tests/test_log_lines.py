@@ -15,17 +15,6 @@ LINE = re.compile(r"^pretrain step (\d+)/(\d+) \| loss (\d+\.\d{4}) \| lr (\d\.\
                   r"([\d,]+) tokens/s \| MFU (-|\d+\.\d%) \| elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tiny_corpus, tiny_tokenizer, tmp_path_factory):
-    from llamactl.data import prepare
-
-    src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:200]))
-    out = tmp_path_factory.mktemp("data")
-    prepare([src], tiny_tokenizer, out, val_fraction=0.0, workers=1, show_progress=False)
-    return out
-
-
 def _pretrain(data, run, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("FORCE_COLOR", None)

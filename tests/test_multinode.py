@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from dist_utils import free_port
 from llamactl.parallel.launch import LaunchConfig, torchrun_args
 
 
@@ -40,23 +40,6 @@ def test_several_nodes_need_the_master_address(tiny_data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tiny_corpus, tiny_tokenizer, tmp_path_factory):
-    from llamactl.data import prepare
-
-    src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:300]))
-    out = tmp_path_factory.mktemp("data")
-    prepare([src], tiny_tokenizer, out, val_fraction=0.0, workers=1, show_progress=False)
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pretrain(data, run, *launch: str) -> list[str]:
     return [sys.executable, "-m", "llamactl", "pretrain", "--data", str(data), "--out", str(run), "--size", "tiny",
             "--steps", "4", "--seq-len", "32", "--batch-tokens", "256", "--micro-batch", "2", "--eval-tokens", "0",
@@ -65,7 +48,7 @@ def _pretrain(data, run, *launch: str) -> list[str]:
 
 def _two_agents(data, run, *extra: str, env: dict) -> list[subprocess.CompletedProcess]:
     """The same command on 'node' 0 and 'node' 1, two processes each, as two nodes of a cluster run it."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen(_pretrain(data, run, "--nproc", "2", "--nnodes", "2", "--node-rank", str(r),
                                         "--master-addr", "127.0.0.1", "--master-port", port, *extra),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -98,25 +98,17 @@ def _reference(root):
     return losses, norms, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def _layout(tp, pp, zero, micro, ref, root):
-    from llamactl.config import preset
-    from llamactl.model import build_model
-    from llamactl.parallel.context import ParallelContext
-    from llamactl.parallel.data import ZeroOptimizer
+def assert_equals_one_process(tag, model, losses, norms, ref) -> None:
+    """Losses and grad norms of every step (rtol LOSS_RTOL) and this rank's weights, its tp slice of each
+    sharded tensor (atol WEIGHT_ATOL), equal the 1-process reference (losses, norms, weights)."""
     from llamactl.parallel.tensor import shard_specs
 
     ref_losses, ref_norms, ref_w = ref
-    ctx = ParallelContext.from_world(tp, pp)
-    tag = f"tp{ctx.tp} pp{ctx.pp} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
-    model = build_model(preset("tiny"), ctx, seed=0)
-    losses, norms, opt = _train(model, ctx, micro, root / tag.replace(" ", "_"), zero)
     for i, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= LOSS_RTOL * abs(b), f"{tag}: loss of step {i + 1} {a!r} != {b!r}"
     for i, (a, b) in enumerate(zip(norms, ref_norms)):
         assert abs(a - b) <= LOSS_RTOL * abs(b), f"{tag}: grad norm of step {i + 1} {a!r} != {b!r}"
     specs = shard_specs(model)
-    names = [n for n, _ in model.named_parameters()]
-    assert names, tag
     for name, p in model.named_parameters():
         want = ref_w[name]
         s = specs.get(name)
@@ -124,6 +116,20 @@ def _layout(tp, pp, zero, micro, ref, root):
             want = want.narrow(s.dim, s.start, s.length)
         err = (p.detach() - want).abs().max().item()
         assert err <= WEIGHT_ATOL, f"{tag}: {name} differs from 1 process by {err:.3g} after {STEPS} steps"
+
+
+def _layout(tp, pp, zero, micro, ref, root):
+    from llamactl.config import preset
+    from llamactl.model import build_model
+    from llamactl.parallel.context import ParallelContext
+    from llamactl.parallel.data import ZeroOptimizer
+
+    ctx = ParallelContext.from_world(tp, pp)
+    tag = f"tp{ctx.tp} pp{ctx.pp} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
+    model = build_model(preset("tiny"), ctx, seed=0)
+    losses, norms, opt = _train(model, ctx, micro, root / tag.replace(" ", "_"), zero)
+    assert [n for n, _ in model.named_parameters()], tag
+    assert_equals_one_process(tag, model, losses, norms, ref)
     if zero and ctx.dp > 1:
         assert isinstance(opt, ZeroOptimizer)
         n_state = sum(m.numel() for _, _, _, m in opt.slices)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_token_data
+
 from llamactl.errors import LlamactlError
 
 ARGS = ["--size", "tiny", "--steps", "8", "--seq-len", "32", "--batch-tokens", "256", "--micro-batch", "4",
@@ -34,13 +36,7 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
-    from llamactl.data import prepare
-
-    src = tmp_path_factory.mktemp("src") / "text.txt"
-    src.write_text("\n\n".join(tiny_corpus.read_text().split("\n\n")[:1500]))
-    out = tmp_path_factory.mktemp("data")
-    prepare([src], tiny_tokenizer, out, val_fraction=0.05, workers=1, show_progress=False)
-    return out
+    return make_token_data(tiny_corpus, tiny_tokenizer, tmp_path_factory, 1500, 0.05)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_utils import spawn
-from test_parallel_steps import STEPS, _Batches
+from test_parallel_steps import STEPS, _Batches, assert_equals_one_process
 
 TOL, LOSS_RTOL, WEIGHT_ATOL = 1e-6, 1e-5, 1e-5
 
@@ -327,9 +327,7 @@ def _reference(rank, root, n_layers=2):
 def _layout(tp, pp, zero, micro, ref, root, virtual=1, n_layers=2):
     from llamactl.model import build_model
     from llamactl.parallel.context import ParallelContext
-    from llamactl.parallel.tensor import shard_specs
 
-    ref_losses, ref_norms, ref_w = ref
     ctx = ParallelContext.from_world(tp, pp, virtual_stages=virtual)
     tag = f"SP tp{ctx.tp} pp{ctx.pp} V{virtual} dp{ctx.dp}{' zero1' if zero else ''} micro {micro}"
     model = build_model(_cfg_model(n_layers), ctx, seed=0)
@@ -337,18 +335,7 @@ def _layout(tp, pp, zero, micro, ref, root, virtual=1, n_layers=2):
     model.layers[str(model.layer_ids[0])].ffn_norm.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
     losses, norms = _train(model, ctx, micro, root / tag.replace(" ", "_"), zero)
     assert calls and set(calls) == {16 // tp}, f"{tag}: the norms saw {set(calls)} positions, not a split sequence"
-    for i, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) <= LOSS_RTOL * abs(b), f"{tag}: loss of step {i + 1} {a!r} != {b!r}"
-    for i, (a, b) in enumerate(zip(norms, ref_norms)):
-        assert abs(a - b) <= LOSS_RTOL * abs(b), f"{tag}: grad norm of step {i + 1} {a!r} != {b!r}"
-    specs = shard_specs(model)
-    for name, p in model.named_parameters():
-        want = ref_w[name]
-        s = specs.get(name)
-        if s is not None:
-            want = want.narrow(s.dim, s.start, s.length)
-        err = (p.detach() - want).abs().max().item()
-        assert err <= WEIGHT_ATOL, f"{tag}: {name} differs from 1 process by {err:.3g} after {STEPS} steps"
+    assert_equals_one_process(tag, model, losses, norms, ref)
 
 
 def _two(rank, world, root):
