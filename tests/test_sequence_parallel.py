@@ -37,6 +37,17 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -
     assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
 
 
+def _grads_close(tag, model, ref, specs) -> None:
+    """Each gradient of this rank's model equals the 1-process reference's, its tp slice for sharded tensors."""
+    ref_p = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        w = ref_p[name].grad
+        s = specs.get(name)
+        if s is not None:
+            w = w.narrow(s.dim, s.start, s.length)
+        _close(f"{tag} grad {name}", p.grad, w)
+
+
 # ---- the ops --------------------------------------------------------------------------------------
 def _ops(ctx):
     """Each op forward and backward against plain torch; every rank builds all ranks' tensors (same seed)."""
@@ -210,13 +221,7 @@ def _model_grads(ctx):
         gy = torch.randn(want.shape, generator=g)
         (want * gy).sum().backward()
         (got * gy.narrow(-1, ctx.tp_rank * n, n)).sum().backward()
-        ref_p = dict(ref.named_parameters())
-        for name, p in model.named_parameters():
-            w = ref_p[name].grad
-            s = specs.get(name)
-            if s is not None:
-                w = w.narrow(s.dim, s.start, s.length)
-            _close(f"T={t} recompute={recompute} grad {name}", p.grad, w)
+        _grads_close(f"T={t} recompute={recompute}", model, ref, specs)
     # memory: a block under SP keeps no whole-sequence activation of the model's width between forward and
     # backward (the gathered input of q|k|v and w1|w3 is gathered again in backward); the plain path keeps some
     t = 4 * ctx.tp
@@ -270,13 +275,7 @@ def _mixed_step(ctx):
     model.sequence_parallel = True
     got = pipeline_step(model, mbs, ctx, lm_output_loss(ctx, head=model.output), denom, inputs=inputs)
     assert abs(got.loss - want.loss) <= LOSS_RTOL * want.loss, (got.loss, want.loss)
-    specs, ref_p = shard_specs(model), dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        w = ref_p[name].grad
-        s = specs.get(name)
-        if s is not None:
-            w = w.narrow(s.dim, s.start, s.length)
-        _close(f"mixed step grad {name}", p.grad, w)
+    _grads_close("mixed step", model, ref, shard_specs(model))
 
 
 # ---- whole training steps ---------------------------------------------------------------------------
