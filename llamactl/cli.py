@@ -558,6 +558,7 @@ def data_preferences(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens per answer."),
     batch_size: int = typer.Option(32, "--batch-size", help="Answers decoded together."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts of each family."),
+    pairs_per_prompt: int = typer.Option(1, "--pairs-per-prompt", help="Independent answer pairs judged per prompt (more pairs that are not ties from a policy that mostly answers alike)."),
     raw: bool = typer.Option(False, "--raw", help='Prompt a base model as "Question: ... Answer:" instead of the chat template.'),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto."),
 ):
@@ -569,9 +570,11 @@ def data_preferences(
     from llamactl.stages.preferences import run_preferences, summary_rows
 
     s = run_preferences(model, prompts, out, model_b_dir=model_b, temperatures=temperatures, top_p=top_p, seed=seed,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, raw=raw, device=device)
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, raw=raw, device=device,
+                        pairs_per_prompt=pairs_per_prompt)
     cols, rows = summary_rows(s)
-    console.print(table(f"wrote {out}: {s['pairs']:,} pairs from {s['prompts']:,} prompts ({s['ties']:,} ties, "
+    per = f" x {pairs_per_prompt}" if pairs_per_prompt > 1 else ""
+    console.print(table(f"wrote {out}: {s['pairs']:,} pairs from {s['prompts']:,} prompts{per} ({s['ties']:,} ties, "
                         f"{s['skipped']:,} with an empty answer, dropped; T {s['temperatures'][0]:g} vs "
                         f"{s['temperatures'][1]:g}; answer B chosen in {s['b_chosen']:,})", cols, rows))
 

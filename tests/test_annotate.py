@@ -205,6 +205,13 @@ def test_preferences_command_on_a_tiny_checkpoint(made, tmp_path, capsys):
     assert (tmp_path / "b.jsonl").read_bytes() == out.read_bytes()
     main([*args[:-4], "--seed", "2", "--out", str(tmp_path / "s2.jsonl"), "--temperatures", "1.0"])
     assert (tmp_path / "s2.jsonl").read_bytes() != out.read_bytes()
+    # three pairs per prompt: the first round is the single-pair file, the others are new draws of the same prompts
+    main([*args, "--pairs-per-prompt", "3", "--out", str(tmp_path / "x3.jsonl")])
+    shown = " ".join(capsys.readouterr().out.split())
+    x3 = (tmp_path / "x3.jsonl").read_text().splitlines(keepends=True)
+    assert "".join(x3[:len(rows)]) == out.read_text() and len(x3) > len(rows)
+    assert {json.loads(x)["prompt"] for x in x3} <= set(by_prompt)
+    assert f"{len(x3)} pairs from {5 * len(FAMILIES)} prompts x 3" in shown
 
 
 def test_preferences_command_errors_write_nothing(made, tmp_path, capsys):
@@ -218,7 +225,8 @@ def test_preferences_command_errors_write_nothing(made, tmp_path, capsys):
              (["--prompts", str(tmp_path / "none.jsonl")], "prompt file not found"),
              (["--prompts", str(suite / "prompts.train.jsonl"), "--temperatures", "x"], "--temperatures"),
              (["--prompts", str(suite / "prompts.train.jsonl"), "--model-b", str(tmp_path / "nope")], "--model-b"),
-             (["--prompts", str(suite / "prompts.train.jsonl"), "--limit", "0"], "--limit")]
+             (["--prompts", str(suite / "prompts.train.jsonl"), "--limit", "0"], "--limit"),
+             (["--prompts", str(suite / "prompts.train.jsonl"), "--pairs-per-prompt", "0"], "--pairs-per-prompt")]
     for extra, needle in cases:
         with pytest.raises(SystemExit) as e:
             main(["data", "preferences", "--model", str(ckpt), "--out", str(out), "--max-new-tokens", "2", *extra])

@@ -157,3 +157,21 @@ def test_demo_state_refuses_other_options_and_foreign_dirs(tmp_path):
         DemoConfig(out=out, minutes=0).check()
     with pytest.raises(LlamactlError, match="--size"):
         DemoConfig(out=out, size="70b").check()
+
+
+def test_val_prompts_are_train_prompts_outside_the_rl_set(tmp_path):
+    """PPO's held-out prompts (early stopping) come from the train split and skip every RL prompt's text, so
+    picking the best iteration never looks at the held-out prompts the demo's table scores."""
+    from llamactl.stages.demo_later import subset_prompts
+
+    rows = [{"family": f, "prompt": f"{f} {i % 5}"} for f in ("a", "b") for i in range(12)]  # each text twice or more
+    src, rl, val = tmp_path / "train.jsonl", tmp_path / "rl.jsonl", tmp_path / "val.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subset_prompts(src, rl, 3)
+    subset_prompts(src, val, 2, exclude=rl)
+    got = lambda p: [json.loads(x)["prompt"] for x in p.read_text().splitlines()]  # noqa: E731
+    assert got(rl) == ["a 0", "a 1", "a 2", "b 0", "b 1", "b 2"]  # distinct texts, the first of each family
+    assert got(val) == ["a 3", "a 4", "b 3", "b 4"]
+    names = {s.name: s for s in _steps(tmp_path / "d")[0]}
+    fn, args = names["prompts-val"].extra["python"]
+    assert fn is subset_prompts and args[0].name == "prompts.train.jsonl" and args[3] == names["prompts"].output

@@ -3,7 +3,10 @@
 Each is added only when this build has its command (`available`); a missing one is listed as "not
 available in this build" and never replaced by anything else. RS and PPO train on a prompt subset
 (`subset_prompts`: the first N train prompts of every family, so every family and the safety tag are
-present) because K samples of all 2,400 suite prompts would not fit the budget.
+present) because K samples of all 2,400 suite prompts would not fit the budget. PPO's held-out prompts
+(early stopping, RUN/best) are the next train prompts of every family whose text is not among the RL
+prompts: never the held-out prompts the demo's table scores, so choosing the best PPO iteration does not
+look at the test set.
 """
 from __future__ import annotations
 
@@ -14,15 +17,21 @@ from pathlib import Path
 FINAL_MODELS = (("gatt", "gatt"), ("ppo", "ppo/policy"), ("rs", "rs/sft"), ("sft", "sft"))
 
 
-def subset_prompts(src: Path, dst: Path, per_family: int) -> None:
-    """The first `per_family` prompts of every family of a suite prompt file, written atomically."""
+def subset_prompts(src: Path, dst: Path, per_family: int, exclude: Path | None = None) -> None:
+    """The first `per_family` prompts of every family of a suite prompt file whose text is not in the prompt
+    file `exclude`, written atomically."""
     from llamactl.tasks.suite import write_text_atomic
 
+    def text(line: str) -> str:
+        return json.loads(line).get("prompt", "")
+
+    taken = {text(x) for x in Path(exclude).read_text(encoding="utf-8").splitlines() if x.strip()} if exclude else set()
     seen: dict[str, int] = {}
     lines = []
     for line in Path(src).read_text(encoding="utf-8").splitlines():
         fam = json.loads(line).get("family", "")
-        if seen.get(fam, 0) < per_family:
+        if seen.get(fam, 0) < per_family and text(line) not in taken:
+            taken.add(text(line))
             seen[fam] = seen.get(fam, 0) + 1
             lines.append(line)
     write_text_atomic(dst, "\n".join(lines) + "\n")
@@ -44,9 +53,9 @@ def add_later_stages(cfg, steps, missing, available, add, evaluate) -> None:
                    "describe": f"first {per_family} prompts of every family of {suite / 'prompts.train.jsonl'} "
                                f"-> {rl_prompts}"})
         add("prompts-val", "prompts", [], val_prompts, 1,
-            extra={"python": (subset_prompts, (suite / "prompts.heldout.jsonl", val_prompts, per_family_val)),
-                   "describe": f"first {per_family_val} prompts of every family of {suite / 'prompts.heldout.jsonl'} "
-                               f"-> {val_prompts} (PPO's held-out reward)"})
+            extra={"python": (subset_prompts, (suite / "prompts.train.jsonl", val_prompts, per_family_val, rl_prompts)),
+                   "describe": f"first {per_family_val} prompts of every family of {suite / 'prompts.train.jsonl'} "
+                               f"not in {rl_prompts} -> {val_prompts} (PPO's held-out reward)"})
 
     # rejection sampling: K samples per prompt scored by R_c, best kept in the pool, SFT on the pool; the greedy
     # answer is one more candidate (T 0), so the pool is never worse than greedy by the reward models' judgement

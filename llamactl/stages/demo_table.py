@@ -40,15 +40,18 @@ def score_table(demo: Path) -> tuple[list[str], list[list[str]]]:
 def rm_table(demo: Path) -> tuple[list[str], list[list[str]]]:
     cols = ["reward model", "significantly better", "better", "slightly better", "negligibly better", "all", "pairs"]
     rows = []
-    for kind in ("helpful", "safety"):
-        r = _load(demo / "evals" / f"rm-{kind}.json")
+    # (eval file, label): both RMs on pairs of two model variants, and the helpfulness RM on pairs of the SFT
+    # policy's own answers (what rejection sampling and PPO ask of it)
+    for name, label in (("rm-helpful", "rm-helpful"), ("rm-safety", "rm-safety"),
+                        ("rm-helpful-policy", "rm-helpful, the policy's own answers")):
+        r = _load(demo / "evals" / f"{name}.json")
         if not r:
             continue
 
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f} %"
 
-        row = [f"rm-{kind}", *[pct(r["buckets"][b]["accuracy"]) for b in RATINGS], pct(r["accuracy"]), str(r["pairs"])]
+        row = [label, *[pct(r["buckets"][b]["accuracy"]) for b in RATINGS], pct(r["accuracy"]), str(r["pairs"])]
         rows.append(row)
     return cols, rows
 

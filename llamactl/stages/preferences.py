@@ -4,7 +4,9 @@ Two answers per prompt from the current model (answer A at temperature t_a; answ
 `--model-b` when given -- the paper varies temperature and model between the two), judged by the
 simulated annotator (`tasks.annotator`: ground truth plus a graded closeness), written as preference
 pairs with the paper's four ratings. So reward-model data always comes from the current policy's
-distribution. Ties are dropped and counted, and so are pairs with an empty answer (or one holding the
+distribution. `--pairs-per-prompt N` judges N independent pairs of every prompt (each answer its own
+generator), as annotators rate several pairs of one prompt: a policy that mostly answers alike gives few
+pairs that are not ties, and the reward model needs those to rank the policy's own answers. Ties are dropped and counted, and so are pairs with an empty answer (or one holding the
 chat format's tags), which the preference reader would refuse.
 """
 from __future__ import annotations
@@ -32,27 +34,31 @@ def parse_temperatures(text: str) -> tuple[float, float]:
 
 def collect(model_a, tok_a, items: Sequence[dict], *, model_b=None, tok_b=None, temperatures=(0.7, 1.0),
             top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 48, batch_size: int = 32, raw: bool = False,
-            bar=None) -> tuple[list[str], list[str]]:
-    """Answer A and answer B for every item (B from model_b when given; its own seeds either way)."""
+            bar=None, seed_offset: int = 0, label: str = "") -> tuple[list[str], list[str]]:
+    """Answer A and answer B for every item (B from model_b when given; its own seeds either way): answer A
+    of item i draws from seed row seed_offset + i, answer B from seed_offset + len(items) + i."""
     from llamactl.stages.answers import answer_items
 
-    def one(model, tok, t, offset, label):
-        task = bar.add_task(f"answers {label} @ T {t:g}", total=len(items)) if bar is not None else None
+    def one(model, tok, t, offset, side):
+        task = bar.add_task(f"answers {side}{label} @ T {t:g}", total=len(items)) if bar is not None else None
         got = answer_items(model, tok, items, samples=1, temperature=t, top_p=top_p, seed=seed, seed_offset=offset,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, raw=raw,
                            progress=(lambda k: bar.advance(task, k)) if bar is not None else None)
         return [a[0] for a in got]
 
-    a = one(model_a, tok_a, temperatures[0], 0, "A")
+    a = one(model_a, tok_a, temperatures[0], seed_offset, "A")
     b = one(model_b if model_b is not None else model_a, tok_b if tok_b is not None else tok_a,
-            temperatures[1], len(items), "B")
+            temperatures[1], seed_offset + len(items), "B")
     return a, b
 
 
 def run_preferences(model_dir, prompts, out, *, model_b_dir=None, temperatures: str = "0.7,1.0",
                     top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 48, batch_size: int = 32,
-                    limit: int | None = None, raw: bool = False, device: str = "auto") -> dict:
-    """Sample, judge, write `out` (JSONL, atomically); returns the summary (tasks.annotator.summarize)."""
+                    limit: int | None = None, raw: bool = False, device: str = "auto",
+                    pairs_per_prompt: int = 1) -> dict:
+    """Sample, judge, write `out` (JSONL, atomically); returns the summary (tasks.annotator.summarize).
+    With `pairs_per_prompt` N the prompts are judged N times over, round j drawing from seed rows j * 2P
+    onwards (P prompts), so N = 1 is the single-pair collection and a larger N only adds pairs."""
     from llamactl.generation import load_for_generation
     from llamactl.stages.eval_tasks import limit_per_family
     from llamactl.tasks import load_items
@@ -63,6 +69,8 @@ def run_preferences(model_dir, prompts, out, *, model_b_dir=None, temperatures: 
     temps = parse_temperatures(temperatures)
     if batch_size < 1:
         raise LlamactlError(f"--batch-size must be at least 1, got {batch_size}")
+    if pairs_per_prompt < 1:
+        raise LlamactlError(f"--pairs-per-prompt must be at least 1, got {pairs_per_prompt}")
     if Path(out).is_dir():
         raise LlamactlError(f"{out} is a directory (--out names a file)")
     items = limit_per_family(load_items(prompts), limit)
@@ -72,13 +80,20 @@ def run_preferences(model_dir, prompts, out, *, model_b_dir=None, temperatures: 
         if not Path(model_b_dir).is_dir():
             raise LlamactlError(f"checkpoint directory not found: {model_b_dir} (--model-b)")
         model_b, tok_b = load_for_generation(model_b_dir, device)
+    a, b = [], []
     with progress() as bar:
-        a, b = collect(model_a, tok_a, items, model_b=model_b, tok_b=tok_b, temperatures=temps, top_p=top_p,
-                       seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, raw=raw, bar=bar)
-    pairs, ties, skipped = make_pairs(items, a, b)
+        for j in range(pairs_per_prompt):
+            got = collect(model_a, tok_a, items, model_b=model_b, tok_b=tok_b, temperatures=temps, top_p=top_p,
+                          seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, raw=raw, bar=bar,
+                          seed_offset=2 * len(items) * j, label=f" {j + 1}" if pairs_per_prompt > 1 else "")
+            a += got[0]
+            b += got[1]
+    rounds = items * pairs_per_prompt
+    pairs, ties, skipped = make_pairs(rounds, a, b)
     write_text_atomic(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    summary = summarize(items, pairs, ties, skipped)
-    summary.update(out=str(out), prompts=len(items), temperatures=list(temps))
+    summary = summarize(rounds, pairs, ties, skipped)
+    summary.update(out=str(out), prompts=len(items), pairs_per_prompt=pairs_per_prompt,
+                   temperatures=list(temps))
     return summary
 
 
