@@ -175,3 +175,19 @@ def test_val_prompts_are_train_prompts_outside_the_rl_set(tmp_path):
     names = {s.name: s for s in _steps(tmp_path / "d")[0]}
     fn, args = names["prompts-val"].extra["python"]
     assert fn is subset_prompts and args[0].name == "prompts.train.jsonl" and args[3] == names["prompts"].output
+
+
+def test_change_interval_is_a_paired_bootstrap_over_families():
+    from llamactl.stages.demo_table import change_interval
+
+    def ev(scores):  # {family: [greedy scores]}
+        return {"items": [{"family": f, "greedy_score": x} for f, xs in scores.items() for x in xs]}
+
+    zeros, ones = ev({"a": [0.0] * 5, "b": [0.0] * 3}), ev({"a": [1.0] * 5, "b": [1.0] * 3})
+    assert change_interval(zeros, zeros) == "+0.000 (+0.000, +0.000)"
+    assert change_interval(zeros, ones) == "+1.000 (+1.000, +1.000)"
+    # family a gains 2 of 4 prompts, family b loses none: the overall is the mean of families, +0.25
+    got = change_interval(ev({"a": [0, 0, 0, 0], "b": [1, 1]}), ev({"a": [1, 1, 0, 0], "b": [1, 1]}))
+    point, low, high = float(got.split()[0]), *map(float, got.split("(")[1].rstrip(")").split(","))
+    assert point == 0.25 and 0.0 <= low < point < high <= 0.5
+    assert change_interval(zeros, ev({"a": [1.0] * 5})) == "-"  # not the same prompts: no paired interval

@@ -4,7 +4,7 @@ A stage supplies three functions: `resolve(flags, config_file, parallel_flags) -
 file <- flags; the plan has `.parallel` (ParallelConfig) and `.model` (ModelConfig)), `describe(plan)` (what
 --dry-run prints) and `run(plan, ctx, resume=...)` (this rank's training; returns something with an
 `exit_code`, e.g. trainer.FitResult). The launcher flags (--tp --pp --nproc --nnodes --node-rank
---master-addr --master-port --zero) arrive as one LaunchOptions, declared once in cli.py for every command.
+--master-addr --master-port --zero) arrive as one LaunchOptions, declared once in cli/app.py for every command.
 """
 from __future__ import annotations
 
