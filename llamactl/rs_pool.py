@@ -13,13 +13,16 @@ through a temporary file and a rename:
                        "fields": {the prompt line's other keys}}}}
 
 KEY identifies a prompt by its dialogue (sha256 of the messages' JSON), so the same prompt read from
-another prompt file still meets its entry.
+another prompt file still meets its entry. Two runs that share a pool merge one after the other: each
+holds `DIR/.pool.lock` (an exclusive flock) from reading the pool to writing it (`locked`), so neither
+overwrites what the other added.
 
 `best_of_n` is Figure 7's arithmetic: the mean over prompts of the max and of the median reward among the
 first N samples of each prompt, N = 1..K.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -29,7 +32,34 @@ from typing import Optional, Sequence
 from llamactl.errors import LlamactlError
 
 POOL_FILE = "pool.json"
+LOCK_FILE = ".pool.lock"
 VERSION = 1
+
+
+@contextlib.contextmanager
+def locked(directory, flag: str = "--pool", notify=None):
+    """Hold the pool directory's lock (created with the directory when missing) for the block; another run
+    holding it is waited for (`notify(message)` is called once first)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise LlamactlError(f"{d} is not a directory ({flag})")
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks on this platform: one run per pool at a time is the user's to keep
+        yield
+        return
+    with open(d / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if notify is not None:
+                notify(f"waiting for another rejection-sampling run to finish merging into {d}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prompt_key(messages: Sequence[dict]) -> str:

@@ -48,6 +48,48 @@ def test_pool_keeps_the_best_across_iterations(tmp_path):
         Pool.load(tmp_path / "bad")
 
 
+def _merge_slowly(directory: str, key: str, hold: float, started, log: str) -> None:
+    """One run's merge: read the pool, hold it for `hold` seconds, add `key`, write it (under the lock)."""
+    import time
+
+    from llamactl.rs_pool import Pool, locked
+
+    def note(msg):
+        Path(log).write_text(msg)
+
+    started.set()
+    with locked(directory, notify=note):
+        pool = Pool.load(directory)
+        time.sleep(hold)
+        pool.merge([_cand(key, 0.5)], 1)
+        pool.save()
+
+
+def test_two_runs_merging_into_one_pool_keep_both(tmp_path):
+    """Without the lock both runs read the empty pool and the second write loses the first run's entry."""
+    import multiprocessing as mp
+
+    from llamactl.rs_pool import LOCK_FILE, Pool
+
+    ctx = mp.get_context("fork")
+    first, second = ctx.Event(), ctx.Event()
+    logs = [tmp_path / "log1", tmp_path / "log2"]
+    p1 = ctx.Process(target=_merge_slowly, args=(str(tmp_path / "pool"), "a", 0.8, first, str(logs[0])))
+    p1.start()
+    assert first.wait(10)
+    import time
+
+    time.sleep(0.3)  # p1 holds the lock and has read the empty pool
+    p2 = ctx.Process(target=_merge_slowly, args=(str(tmp_path / "pool"), "b", 0.0, second, str(logs[1])))
+    p2.start()
+    p1.join(20)
+    p2.join(20)
+    assert p1.exitcode == 0 and p2.exitcode == 0
+    assert sorted(Pool.load(tmp_path / "pool").entries) == ["a", "b"]
+    assert "waiting for another rejection-sampling run" in logs[1].read_text() and not logs[0].exists()
+    assert (tmp_path / "pool" / LOCK_FILE).exists()
+
+
 def test_best_of_n_against_a_hand_case():
     from llamactl.rs_pool import best_of_n
 

@@ -398,23 +398,25 @@ def prepare(plan: Plan, ctx, show_progress: bool = True) -> tuple[int, list[dict
 def update_pool(plan: Plan, iteration: int, records: list[dict]) -> dict:
     """Merge the iteration's usable samples into the pool, record its figures, write the pool, RUN/rs.json
     and (once) RUN/sft_data.jsonl; returns the iteration's stats. Rank 0 only; idempotent."""
-    from llamactl.rs_pool import Candidate, Pool
+    from llamactl.rs_pool import Candidate, Pool, locked
     from llamactl.tasks.suite import write_text_atomic
+    from llamactl.ui import err_console
 
     c = plan.cfg
-    pool = Pool.load(plan.pool_dir)
     cands = [Candidate(r["key"], r["messages"], r["safety"], s["response"], s["reward"], s["reward_helpful"],
                        s["reward_safety"], temp, r["fields"])
              for r in records for temp, per in zip(plan.temperatures, r["samples"]) for s in per if s["usable"]]
-    counts = pool.merge(cands, iteration)
-    done = [it for it in pool.iterations if int(it["iteration"]) == iteration and it["run"] == str(plan.run_dir)]
-    if done:  # a rerun of this run: the merge changed nothing, its first figures stand
-        stats = done[0]["stats"]
-    else:
-        stats = {"iteration": iteration, **iteration_stats(records, plan.temperatures, c.k), **counts,
-                 "pool_size": len(pool.entries), "pool_mean_reward": pool.mean_reward if pool.entries else 0.0}
-        pool.record(iteration, str(plan.run_dir), stats)
-    pool.save()
+    with locked(plan.pool_dir, notify=lambda m: err_console.print(m, markup=False)):  # read, merge, write: one run at a time
+        pool = Pool.load(plan.pool_dir)
+        counts = pool.merge(cands, iteration)
+        done = [it for it in pool.iterations if int(it["iteration"]) == iteration and it["run"] == str(plan.run_dir)]
+        if done:  # a rerun of this run: the merge changed nothing, its first figures stand
+            stats = done[0]["stats"]
+        else:
+            stats = {"iteration": iteration, **iteration_stats(records, plan.temperatures, c.k), **counts,
+                     "pool_size": len(pool.entries), "pool_mean_reward": pool.mean_reward if pool.entries else 0.0}
+            pool.record(iteration, str(plan.run_dir), stats)
+        pool.save()
     history = [it["stats"] for it in pool.iterations]
     write_text_atomic(plan.run_dir / RS_FILE, json.dumps({"iterations": history, "pool": str(plan.pool_dir)},
                                                          indent=1) + "\n", "--out")
