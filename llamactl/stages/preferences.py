@@ -6,8 +6,9 @@ simulated annotator (`tasks.annotator`: ground truth plus a graded closeness), w
 pairs with the paper's four ratings. So reward-model data always comes from the current policy's
 distribution. `--pairs-per-prompt N` judges N independent pairs of every prompt (each answer its own
 generator), as annotators rate several pairs of one prompt: a policy that mostly answers alike gives few
-pairs that are not ties, and the reward model needs those to rank the policy's own answers. Ties are dropped and counted, and so are pairs with an empty answer (or one holding the
-chat format's tags), which the preference reader would refuse.
+pairs that are not ties, and the reward model needs those to rank the policy's own answers. Ties are
+dropped and counted, and so are pairs with an empty answer (or one holding the chat format's tags), which
+the preference reader would refuse.
 """
 from __future__ import annotations
 
