@@ -11,8 +11,20 @@ prompts, batch, seeds, temperature and --max-new-tokens. The two alternate round
 the ratio is the median of per-round ratios (other processes share the cores). Token counts can differ
 (the policy moves, rows stop at EOS), so the comparison is per generated token.
 
-TRL: its PPO trainer is compared only if the installed TRL exposes one (trl.PPOTrainer or
-trl.experimental.ppo); the script says which version it found and why it did not run otherwise.
+TRL: its PPO trainer is compared only if an installed TRL exposes one (trl.PPOTrainer or
+trl.experimental.ppo); the script says which version it found and why it did not run otherwise. TRL 1.x
+has no PPO trainer; TRL 0.20 has one (with transformers 4.55), installed beside the bench's own packages:
+
+    pip install --no-deps --target /tmp/trl020 trl==0.20.0 transformers==4.55.4 tokenizers==0.21.4 \
+        huggingface_hub==0.34.4 datasets==3.6.0 requests urllib3 idna certifi charset_normalizer
+    python bench/ppo_throughput.py --trl-path /tmp/trl020
+
+TRL's PPOTrainer then trains the same policy checkpoint (as LlamaForCausalLM) with the helpfulness RM as
+reward and value model (LlamaForSequenceClassification; TRL takes one reward model, llamactl scores with
+both), on the same prompt token ids, batch, minibatch, one PPO epoch, --new-tokens at T 1 with EOS, fp32,
+the same threads; its iteration time is the median gap between its per-update log calls (generation,
+scoring and the minibatch steps), after one warm-up update. llamactl's is generation + scoring + training
+of `stages.ppo.iteration`.
 
     python bench/ppo_throughput.py [--dim 64] [--layers 2] [--batch 16] [--new-tokens 32] [--rounds 3]
     python bench/ppo_throughput.py --policy CKPT --rm-helpful RM --rm-safety RM --prompts FILE.jsonl
@@ -75,6 +87,52 @@ def trl_ppo_status() -> tuple[object | None, str]:
                   f"trl.experimental.ppo.PPOTrainer imports; its trainer package has GRPO and RLOO, not PPO)")
 
 
+def trl_ppo_iteration_seconds(cls, pol: Path, rm: Path, prompts: list[list[int]], *, batch: int, minibatch: int,
+                              micro: int, new_tokens: int, beta: float, updates: int, out_dir: str) -> list[float]:
+    """Seconds per PPO update of TRL's PPOTrainer (0.20 API) on the same checkpoints and prompt ids."""
+    import trl
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import (LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast,
+                              TrainerCallback)
+
+    def load(kind, path):
+        return kind.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa")
+
+    policy, ref = load(LlamaForCausalLM, pol), load(LlamaForCausalLM, pol)
+    reward = load(LlamaForSequenceClassification, rm)
+    value = load(LlamaForSequenceClassification, rm)
+    vocab = policy.config.vocab_size
+    vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab_map, unk_token="<unk>")),
+                                  unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+                                  padding_side="left")
+    for m in (policy, ref, reward, value):
+        m.config.pad_token_id = tok.pad_token_id
+    rows = [prompts[i % len(prompts)] for i in range(batch * updates)]
+    ds = Dataset.from_dict({"input_ids": rows})
+    args = trl.PPOConfig(output_dir=out_dir, per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+                         num_mini_batches=batch // minibatch, num_ppo_epochs=1, total_episodes=batch * updates,
+                         response_length=new_tokens, stop_token="eos", temperature=1.0, learning_rate=1e-5,
+                         kl_coef=beta, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                         local_rollout_forward_batch_size=batch, num_sample_generations=0, report_to=[],
+                         use_cpu=True, logging_steps=1, save_strategy="no", seed=0, bf16=False, fp16=False,
+                         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5, weight_decay=0.1, max_grad_norm=1.0,
+                         lr_scheduler_type="constant", disable_tqdm=True)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    trainer = cls(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                  value_model=value, train_dataset=ds, callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    marks = [start] + [t for t in stamps]
+    return [b - a for a, b in zip(marks, marks[1:])][1:]  # the first update is the warm-up
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", type=Path)
@@ -87,8 +145,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--trl-path", type=Path, help="a directory with TRL 0.20 and transformers 4.55 (see the doc)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.trl_path is not None:
+        sys.path.insert(0, str(args.trl_path))
 
     from llamactl.chat_data import read_prompts
     from llamactl.generation import generate, load_for_generation, sequence_seed
@@ -152,11 +213,22 @@ def main() -> None:
               flush=True)
     ratio = statistics.median(ratios)
     cls, trl_note = trl_ppo_status()
-    print(f"TRL PPO: {trl_note}" + ("" if cls is None else " (comparison not implemented for this API version)"))
+    print(f"TRL PPO: {trl_note}", flush=True)
+    trl_line = f"TRL PPO not run: {trl_note}"
+    if cls is not None:
+        from llamactl import checkpoint
+
+        trl_iters = trl_ppo_iteration_seconds(cls, checkpoint.resolve(pol), checkpoint.resolve(rmh), prompts,
+                                              batch=c.batch_size, minibatch=c.minibatch, micro=c.micro_batch,
+                                              new_tokens=c.max_new_tokens, beta=c.beta, updates=args.rounds + 1,
+                                              out_dir=str(work / "trl"))
+        print(f"TRL PPO iterations (s): {', '.join(f'{t:.2f}' for t in trl_iters)}")
+        trl_line = (f"TRL PPOTrainer iteration {statistics.median(trl_iters):.2f} s: llamactl is "
+                    f"{statistics.median(trl_iters) / statistics.median(iters):.2f}x faster per iteration ({trl_note})")
     print(f"PPO rollout tokens/s: {ratio:.2f}x llamactl generate ({statistics.median(ours):.1f} vs "
           f"{statistics.median(peer):.1f} tok/s, batch {c.batch_size}, {c.max_new_tokens} new tokens, "
           f"dim {plan.model.dim} x {plan.model.n_layers} layers, {args.threads} thread(s), median of {args.rounds} "
-          f"rounds; PPO iteration {statistics.median(iters):.2f} s; TRL PPO not run: {trl_note})")
+          f"rounds; PPO iteration {statistics.median(iters):.2f} s; {trl_line})")
     sys.stdout.flush()
 
 
