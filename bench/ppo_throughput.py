@@ -84,7 +84,8 @@ def trl_ppo_status() -> tuple[object | None, str]:
         except Exception:  # noqa: BLE001 - missing module or its optional dependencies
             continue
     return None, (f"trl {trl.__version__} has no PPO trainer (neither trl.PPOTrainer nor "
-                  f"trl.experimental.ppo.PPOTrainer imports; its trainer package has GRPO and RLOO, not PPO)")
+                  f"trl.experimental.ppo.PPOTrainer imports; its trainer package has GRPO and RLOO, not PPO; "
+                  f"--trl-path takes TRL 0.20, see this script's doc)")
 
 
 def trl_ppo_iteration_seconds(cls, pol: Path, rm: Path, prompts: list[list[int]], *, batch: int, minibatch: int,
