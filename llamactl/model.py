@@ -179,21 +179,28 @@ def fused_weight(module: nn.Module) -> _Fused | None:
 
 
 GEMV_MAX_ROWS = 8  # up to this many rows, CPU fp32 products run the decode GEMV kernel
+# smallest weight (elements) worth a oneDNN-packed copy. Measured on 2 cores (AVX-512), 16 / 64 rows, packed
+# against MKL on the column-major weight: 45-50k elements 0.68-1.04x, 90-111k 0.98-1.20x, 128k (a 1000 x 128
+# head) 1.19-1.26x, 180-200k 1.15-1.54x, 0.4-1.4M 1.17-2.03x. A copy also costs ~120-270 us to make, again
+# after every PPO policy update (`stages.ppo_iteration.sync_sampler`): at dim 128 re-packing took ~8 of a
+# 29 ms rollout and bought nothing
+PACK_MIN_ELEMENTS = 1 << 17
 
 
 def inference_linear(owner: nn.Module, key: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T without autograd. On CPU in fp32, up to GEMV_MAX_ROWS rows (decoding) run the fused GEMV
     kernel, which reads w once for all rows near copy bandwidth in either layout (MKL's matrix-vector
     streams it at ~15 GB/s against ~20 for a copy, and slower still for 2-8 rows). Otherwise, for 2+ rows
-    on CPU, through a oneDNN-packed copy of w when `owner` was marked by `fuse_projections(..., pack=True)`:
-    MKL's fp32 GEMM streams a (features x dim) weight at about half the speed for a handful of rows,
-    oneDNN's packed kernel does not. Under autocast (bf16 rollouts) or with autograd recording, F.linear."""
+    on CPU, through a oneDNN-packed copy of w when `owner` was marked by `fuse_projections(..., pack=True)`
+    and w has at least PACK_MIN_ELEMENTS: MKL's fp32 GEMM streams a large (features x dim) weight at about
+    half the speed for a handful of rows, oneDNN's packed kernel does not (below that size it is no
+    faster). Under autocast (bf16 rollouts) or with autograd recording, F.linear."""
     if torch.is_autocast_enabled(x.device.type) or torch.is_grad_enabled():  # F.linear casts / records
         return F.linear(x, w)
     rows = x.numel() // max(1, x.shape[-1])
     if rows <= GEMV_MAX_ROWS and gemv_fused(x.device.type, x.dtype, w.dtype):
         return torch.ops.llamactl.gemv.default(x, w)  # the overload itself: kernels.gemv minus two lookups
-    if rows >= 2 and owner.__dict__.get("_llamactl_pack", False):
+    if rows >= 2 and owner.__dict__.get("_llamactl_pack", False) and w.numel() >= PACK_MIN_ELEMENTS:
         packed = packed_weight(owner, key, w, rows)
         if packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), packed, None,

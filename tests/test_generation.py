@@ -224,7 +224,19 @@ def test_on_step_streams_and_can_interrupt(model):
 
 
 # ---- the CPU decode layout (column-major weights, oneDNN-packed head) ------------------------------------
-def test_decode_layout_changes_no_result():
+def _packed(model) -> int:
+    """How many oneDNN-packed weight copies the model's modules hold."""
+    return sum(len(m.__dict__.get("_llamactl_packed", {})) for m in model.modules())
+
+
+@pytest.mark.parametrize("pack_min", [None, 0])
+def test_decode_layout_changes_no_result(pack_min, monkeypatch):
+    """Same tokens and log-probs after decode_layout; weights this small get no packed copy unless the size
+    floor is lowered (0: every matrix packed, so the packed path and its re-packing are checked too)."""
+    from llamactl import model as model_mod
+
+    if pack_min is not None:
+        monkeypatch.setattr(model_mod, "PACK_MIN_ELEMENTS", pack_min)
     cfg = odd_config()
     plain = build_model(cfg, seed=9).eval()
     fast = build_model(cfg, seed=9).eval()
@@ -241,6 +253,7 @@ def test_decode_layout_changes_no_result():
         for x, y in zip(a, b):
             assert x.tokens == y.tokens
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    assert _packed(fast) == (3 * 4 if pack_min == 0 else 0)  # q|k|v, wo, w1|w3, w2 (prefill); 4 rows: GEMV head
     # the packed copy follows in-place weight updates (optimizer steps between rollouts)
     with torch.no_grad():
         for m in (plain, fast):

@@ -350,3 +350,47 @@ def _tp_worker(rank, world, flags, out_root):
 
 def test_one_iteration_at_tp2_equals_one_process(ppo_inputs, tmp_path):
     spawn(_tp_worker, 2, _flags(ppo_inputs, tmp_path / "unused", iterations=1), str(tmp_path))
+
+
+@pytest.mark.parametrize("pack_min", [None, 0])
+def test_sampler_copy_follows_the_policy_after_in_place_updates(pack_min, monkeypatch):
+    """PPO samples with a decode-layout copy of the policy refreshed in place before every rollout: after an
+    in-place update of the policy (an optimizer step) it samples what the policy itself does. With the size
+    floor at 0 every matrix has a oneDNN-packed copy, which must be dropped at each refresh or go stale."""
+    from types import SimpleNamespace
+
+    from llamactl import model as model_mod
+    from llamactl.config import ModelConfig
+    from llamactl.generation import generate
+    from llamactl.model import build_model
+    from llamactl.stages import ppo_iteration as it
+
+    if pack_min is not None:
+        monkeypatch.setattr(model_mod, "PACK_MIN_ELEMENTS", pack_min)
+    cfg = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=97, multiple_of=8, max_seq_len=64)
+    policy = build_model(cfg, seed=3)
+    m = SimpleNamespace(policy=policy, sampler=it.decode_copy(policy))
+    assert m.sampler is not policy
+    prompts = [[1, 5 + i, 9, 2 * i + 3] for i in range(12)]  # 12 rows: past the GEMV, into the (packed) GEMM
+    kw = dict(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=4)
+
+    def same() -> bool:
+        a, b = generate(policy, prompts, **kw), generate(m.sampler, prompts, **kw)
+        return all(x.tokens == y.tokens and max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) <= 1e-5
+                   for x, y in zip(a, b))
+
+    assert same()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(-1.3)
+    it.sync_sampler(m)
+    assert same()
+    packed = sum(len(x.__dict__.get("_llamactl_packed", {})) for x in m.sampler.modules())
+    assert packed == (3 * 4 + 1 if pack_min == 0 else 0)  # q|k|v, wo, w1|w3, w2 per layer; the head
+    if pack_min == 0:  # the same refresh without dropping the packed copies decodes with stale weights
+        monkeypatch.setattr(it, "drop_packed_weights", lambda model: None)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.mul_(-0.7)
+        it.sync_sampler(m)
+        assert not same()

@@ -187,7 +187,7 @@ def drop_packed_weights(model) -> None:
     matrices of `fuse_projections` are written through the parameters (views set with `.data =`), whose
     in-place writes (`sync_sampler`) do not move the fused matrix's version counter: after a training
     step its packed copy would be stale. Dropping them after every sync re-packs from the current
-    weights (once per iteration)."""
+    weights (once per iteration; weights below model.PACK_MIN_ELEMENTS have no packed copy)."""
     for mod in model.modules():
         mod.__dict__.pop("_llamactl_packed", None)
 
