@@ -264,6 +264,46 @@ def test_bad_config_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_writer_slips_change_only_sft_answers_each_one_a_scorable_mistake(tmp_path):
+    """A careless writer's slips touch only SFT answers of the slippable families, at about the asked rate, and
+    each slip is a mistake the ground truth sees; the prompts, held-out items and pretraining text are as without."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SMALL, sft_train=400)
+    files0, m0 = build_suite(cfg)
+    files, m = build_suite(dataclasses.replace(cfg, writer_slips=0.3))
+    assert m0["slips"]["sft.train"] == {f: 0 for f in FAMILIES}
+    for name in files0:
+        if name != "sft.train.jsonl":
+            assert files[name] == files0[name], name
+    rows0 = [json.loads(x) for x in files0["sft.train.jsonl"].splitlines()]
+    rows = [json.loads(x) for x in files["sft.train.jsonl"].splitlines()]
+    assert len(rows) == len(rows0)
+    slipped = {f: 0 for f in FAMILIES}
+    for a, b in zip(rows0, rows):
+        assert a["messages"][0] == b["messages"][0] and a["family"] == b["family"] and set(a) == set(b)
+        gold, got = a["messages"][1]["content"], b["messages"][1]["content"]
+        if got != gold:
+            slipped[a["family"]] += 1
+            item = {"family": a["family"], "safety": a["safety"], "answer": gold}
+            assert score(item, got) < 1 and score(item, gold) == 1
+            if FAMILIES[a["family"]].scorer == "number":
+                assert abs(int(got) - int(gold)) == 1 and int(got) >= 0
+            else:
+                assert sorted(got.split()) == sorted(gold.split()) or len(got.split()) == len(gold.split()) - 1
+    assert slipped == m["slips"]["sft.train"]
+    for f, fam in FAMILIES.items():
+        if fam.scorer in ("number", "list"):
+            assert 0.2 * 400 <= slipped[f] <= 0.4 * 400, (f, slipped[f])
+        else:
+            assert slipped[f] == 0, f
+    assert build_suite(dataclasses.replace(cfg, writer_slips=0.3))[0] == files  # seeded
+    for bad in (-0.1, 1.0):
+        with pytest.raises(LlamactlError, match=r"writer_slips must be at least 0 and below 1, got"):
+            write_suite(tmp_path / "s", config=dataclasses.replace(SMALL, writer_slips=bad))
+    assert list(tmp_path.iterdir()) == []
+
 # ---- reading back: one-line errors naming file and line ---------------------------------------------
 GOOD = {"family": "arithmetic", "prompt": "What is 1 + 2?", "answer": "3", "safety": False, "a": 1, "b": 2, "op": "+"}
 
@@ -392,3 +432,6 @@ def test_data_tasks_command_writes_the_suite_and_refuses_to_clobber(tmp_path, su
     assert json.loads((out / "suite.json").read_text())["seed"] == 3
     main(["data", "tasks", "--out", str(out), "--seed", "4", "--overwrite"])
     assert json.loads((out / "suite.json").read_text())["seed"] == 4
+    main(["data", "tasks", "--out", str(out), "--seed", "4", "--overwrite", "--writer-slips", "0.25"])
+    m = json.loads((out / "suite.json").read_text())
+    assert m["config"]["writer_slips"] == 0.25 and m["slips"]["sft.train"]["count"] > 0

@@ -48,17 +48,22 @@ def data_tasks(
     out: Path = typer.Option(..., "--out", help="Directory to write the suite into (made atomically)."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed writes byte-identical files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    writer_slips: float = typer.Option(
+        0.0, "--writer-slips", min=0.0, max=0.99,
+        help="Share of the SFT answers a careless writer gets wrong (a number off by one, two words swapped or one "
+             "left out; arithmetic, copy, reverse, sort and count only). Prompts and the scorers stay exact."),
 ):
     """Write the verifiable task suite: pretraining text, SFT and prompt sets (train / held-out), scorers' fields."""
-    from llamactl.tasks import write_suite
+    from llamactl.tasks import SuiteConfig, write_suite
 
-    m = write_suite(out, seed=seed, overwrite=overwrite)
+    m = write_suite(out, seed=seed, config=SuiteConfig(writer_slips=writer_slips), overwrite=overwrite)
     c = m["counts"]
-    rows = [[f, "yes" if meta["safety"] else "", c["sft.train"][f], c["prompts.train"][f], c["prompts.heldout"][f]]
-            for f, meta in m["families"].items()]
+    slips = m["slips"]["sft.train"]
+    rows = [[f, "yes" if meta["safety"] else "", c["sft.train"][f], slips[f] or "", c["prompts.train"][f],
+             c["prompts.heldout"][f]] for f, meta in m["families"].items()]
     console.print(table(f"wrote {out} (seed {m['seed']}; pretrain.txt {m['pretrain']['bytes'] / 1e6:.2f} MB, "
                         f"{m['pretrain']['documents']:,} documents)",
-                        ["family", "safety", "sft train", "prompts train", "held-out"], rows))
+                        ["family", "safety", "sft train", "slips", "prompts train", "held-out"], rows))
 
 
 @data_app.command("preferences")

@@ -2,7 +2,8 @@
 
     OUT/pretrain.txt            blank-line separated documents: people's facts, worked examples of the
                                 training split in prose, filler sentences from the same vocabulary
-    OUT/sft.train.jsonl         {"messages": [user, assistant], "family", "safety"}
+    OUT/sft.train.jsonl         {"messages": [user, assistant], "family", "safety"}; with writer_slips, some
+                                answers carry a careless writer's slip (writers.py)
     OUT/sft.heldout.jsonl
     OUT/prompts.train.jsonl     {"family", "prompt", "answer", "safety", + scorer fields}
     OUT/prompts.heldout.jsonl   the same items as sft.heldout (the number later stages are judged by)
@@ -27,6 +28,7 @@ from typing import Iterable, Optional
 
 from llamactl.errors import LlamactlError
 from llamactl.tasks.families import FAMILIES, TaskParams
+from llamactl.tasks.writers import write_demonstrations
 from llamactl.tasks.world import Entity, entity_document, filler_document, make_entities
 
 VERSION = 1
@@ -47,6 +49,7 @@ class SuiteConfig:
     pretrain_examples: int = 1500    # worked training examples per family in pretrain.txt
     entity_documents: int = 25       # biographies per person in pretrain.txt (facts need many exposures)
     filler_documents: int = 2000
+    writer_slips: float = 0.0        # share of slippable SFT demonstrations with a careless writer's slip (writers.py)
     tasks: TaskParams = field(default_factory=TaskParams)
 
     @classmethod
@@ -121,6 +124,8 @@ def _jsonl(rows: Iterable[dict]) -> str:
 
 
 def _check_config(cfg: SuiteConfig) -> None:
+    if not 0 <= cfg.writer_slips < 1:
+        raise LlamactlError(f"writer_slips must be at least 0 and below 1, got {cfg.writer_slips} (suite config)")
     if not 0 < cfg.heldout_fraction < 1:
         raise LlamactlError(f"heldout_fraction must be between 0 and 1, got {cfg.heldout_fraction} (suite config)")
     for f in ("entities", "sft_train", "prompts_train", "heldout"):
@@ -147,6 +152,7 @@ def build_suite(cfg: SuiteConfig) -> tuple[dict[str, str], dict]:
         if not held:
             raise LlamactlError(f"family {name} has no held-out items; raise heldout_fraction (suite config)")
         sets["heldout"] += held
+    sets["sft.train"] = write_demonstrations(sets["sft.train"], cfg.writer_slips, _rng(cfg.seed, "writers"))
     train_prompts = {it["prompt"] for s in ("sft.train", "prompts.train") for it in sets[s]}
     leaked = [it["prompt"] for it in sets["heldout"] if it["prompt"] in train_prompts]
     if leaked:  # the key split makes this impossible; a family whose key misses part of its prompt would not
@@ -167,6 +173,7 @@ def build_suite(cfg: SuiteConfig) -> tuple[dict[str, str], dict]:
         "families": {n: {"safety": f.safety, "scorer": f.scorer} for n, f in FAMILIES.items()},
         "counts": {"sft.train": counts(sets["sft.train"]), "sft.heldout": counts(sets["heldout"]),
                    "prompts.train": counts(sets["prompts.train"]), "prompts.heldout": counts(sets["heldout"])},
+        "slips": {"sft.train": counts([it for it in sets["sft.train"] if it.get("slip")])},
         "pretrain": {"documents": len(docs), "bytes": len(pretrain.encode())},
         "entities": len(world),
     }
