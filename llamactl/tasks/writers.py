@@ -12,8 +12,15 @@ exact, so the slips only lower the quality of what SFT imitates:
   list    two neighbouring words swapped, or one word left out (lists of two or more words)
 
 Facts, how-to answers and refusals are copied from the source, so they never slip. Which demonstrations
-slip comes from its own seeded stream, so a suite without slips is byte-identical to one written before
-this option existed.
+slip comes from its own seeded stream, so without slips the data files are byte-identical to those
+written before this option existed (suite.json gains the setting and a count of slips per family).
+
+Measured with the demo's recipe (seed 0, --minutes 12, pretraining shared): at 0.3, SFT's held-out greedy
+score fell 0.794 -> 0.770 (lists: copy 1.00 -> 0.90); the helpfulness RM then ranked the policy's own pairs
+79 % right, 92-98 % where a list word was left out, 64-71 % for swapped words, 46-54 % on arithmetic, so
+rejection sampling (0.757) and PPO (0.754) recovered lists and lost numbers. In an experiment with list
+omissions alone (no number slips; not an option here): SFT 0.774, RS 0.771, PPO 0.768, and RS with the
+ground truth choosing among the same samples instead of the RM 0.792. The demo keeps the default, 0.
 """
 from __future__ import annotations
 
